@@ -111,9 +111,25 @@ def pfc_cases(rank: int, world: int, port: int, out: str) -> None:
             results[f"local-{sharding}"] = pfc.weight.detach().clone()
             pfc.load_full_weight(full_centres(2))
             results[f"reloaded-{sharding}"] = pfc.gather_full_weight()
+        results["errors"] = _construction_errors()
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
+
+
+def _construction_errors() -> list[str]:
+    """Messages of the constructions that must fail on 2 ranks (and only there)."""
+    from facetrain.errors import ModelError
+    from facetrain.heads import build_margin
+    from facetrain.heads.partial_fc import PartialFC
+
+    messages = []
+    for margin, classes in ((build_margin("curricularface"), NUM_CLASSES), (build_margin("arcface"), 1)):
+        try:
+            PartialFC(EMBEDDING, classes, margin=margin)
+        except ModelError as exc:
+            messages.append(str(exc))
+    return messages
 
 
 def comm_checks(rank: int, world: int, port: int, out: str) -> None:

@@ -466,3 +466,14 @@ def test_every_config_margin_builds_from_its_loss_section():
             **cfg.margin_kwargs,
         )
         assert torch.isfinite(margin(cos, labels, norms).logits).all()
+
+
+@pytest.mark.parametrize("name", ["arcface", "curricularface", "adaface", "magface"])
+def test_margin_moves_with_module_conversions(name):
+    """Margins are ordinary modules: .to()/.double() convert their buffers (nothing shadows nn.Module internals)."""
+    margin = build_margin(name).double()
+    for buffer in margin.buffers():
+        assert buffer.dtype == torch.float64
+    margin.to("cpu", dtype=torch.float32)
+    for buffer in margin.buffers():
+        assert buffer.dtype == torch.float32

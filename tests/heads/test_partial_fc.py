@@ -17,6 +17,7 @@ from facetrain.errors import ModelError
 from facetrain.heads import build_margin
 from facetrain.heads.partial_fc import (
     PartialFC,
+    cosine_logits,
     distributed_softmax_cross_entropy,
     sample_centres,
     shard_class_ids,
@@ -47,8 +48,8 @@ def two_ranks(tmp_path_factory) -> list[dict]:
 
 
 def _double(margin: torch.nn.Module) -> torch.nn.Module:
-    """float64 buffers for a standalone reference margin (Margin shadows nn.Module._apply, so no .double())."""
-    return torch.nn.Module._apply(margin, lambda t: t.double() if t.is_floating_point() else t)
+    """float64 buffers for a standalone reference margin."""
+    return margin.double()
 
 
 def _rows(rank: int) -> slice:
@@ -127,6 +128,14 @@ def test_gather_and_reshard_across_world_sizes(two_ranks):
         fresh.load_full_weight(two_ranks[0][f"reloaded-{sharding}"])
         torch.testing.assert_close(fresh.weight.detach(), worker.full_centres(2), rtol=0, atol=0)
         torch.testing.assert_close(fresh.gather_full_weight(), worker.full_centres(2), rtol=0, atol=0)
+
+
+def test_two_ranks_refuse_what_cannot_be_exact(two_ranks):
+    for results in two_ranks:
+        shared_rows, too_few = results["errors"]
+        assert "shared_rows=True" in shared_rows
+        assert "1 classes cannot be sharded over 2 ranks" in too_few
+    PartialFC(8, 1, margin=build_margin("curricularface"))  # one process: both are fine
 
 
 def test_shard_class_ids_partition_the_classes():
@@ -215,6 +224,14 @@ def test_unit_rows_equals_normalize_with_gradient():
     assert torch.autograd.gradcheck(unit_rows, (rows,))
 
 
+def test_cosine_logits_equal_normalized_matmul_with_gradient():
+    g = torch.Generator().manual_seed(6)
+    unit = F.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64)).requires_grad_(True)
+    centres = (torch.randn(9, 4, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    torch.testing.assert_close(cosine_logits(unit, centres), unit @ F.normalize(centres).T)
+    assert torch.autograd.gradcheck(cosine_logits, (unit, centres))
+
+
 def test_subcentres_reduced_by_partial_fc_or_by_margin_agree():
     embeddings, labels = _inputs(seed=2)
     by_pfc = PartialFC(8, 13, margin=build_margin("arcface"), subcenter_k=3).double()
@@ -301,18 +318,26 @@ def test_errors_name_the_problem():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu():
+def test_cuda_sampled_step_equals_cpu_softmax_over_the_same_classes():
     embeddings, labels = _inputs(b=16, c=300)
-    cpu = PartialFC(8, 300, margin=build_margin("arcface"), sample_rate=0.2).double()
-    gpu = PartialFC(8, 300, margin=build_margin("arcface"), sample_rate=0.2).double().cuda()
+    gpu = PartialFC(8, 300, margin=build_margin("arcface", scale=16.0), sample_rate=0.2).double().cuda()
     x_gpu = embeddings.detach().cuda().requires_grad_(True)
-    out_gpu = gpu(x_gpu, labels.cuda())
-    out_gpu.loss.backward()
-    # the GPU drew its own sample: evaluate the CPU module on the same classes
-    cpu_full = PartialFC(8, 300, margin=build_margin("arcface")).double()
-    keep = out_gpu.sampled_classes.cpu()
-    cos = F.normalize(embeddings) @ F.normalize(cpu_full.weight[keep]).T
-    logits = build_margin("arcface")(cos.clamp(-1, 1), torch.searchsorted(keep, labels)).logits
-    ref = F.cross_entropy(logits, torch.searchsorted(keep, labels))
-    torch.testing.assert_close(out_gpu.loss.cpu(), ref, **TOL)
-    assert cpu.weight.shape == gpu.weight.shape
+    out = gpu(x_gpu, labels.cuda())
+    out.loss.backward()
+    assert out.num_sampled == 60 and set(labels.tolist()) <= set(out.sampled_classes.tolist())
+    # same seed, same initial centres on any device: evaluate on the CPU over the classes the GPU drew
+    keep = out.sampled_classes.cpu()
+    centres = (
+        PartialFC(8, 300, margin=build_margin("arcface", scale=16.0))
+        .double()
+        .weight.detach()[keep]
+        .requires_grad_(True)
+    )
+    x = embeddings.detach().clone().requires_grad_(True)
+    column = torch.searchsorted(keep, labels)
+    cos = F.normalize(x) @ F.normalize(centres).T
+    ref = F.cross_entropy(build_margin("arcface", scale=16.0)(cos.clamp(-1, 1), column).logits, column)
+    ref.backward()
+    torch.testing.assert_close(out.loss.cpu(), ref.detach(), **TOL)
+    torch.testing.assert_close(x_gpu.grad.cpu(), x.grad, **TOL)
+    torch.testing.assert_close(gpu.weight.grad[keep.cuda()].cpu(), centres.grad, **TOL)

@@ -8,7 +8,8 @@ blur, Gaussian noise and a random occluding patch. Features sit near the ArcFace
 (eyes ~(38,52)/(73,52), nose ~(56,72), mouth corners ~(41,92)/(70,92)), so images look like aligned faces.
 
 Image ``i`` depends only on ``(seed, identity_offset, images_per_identity, i)``, never on which worker renders it or in
-what order, so a dataset is reproducible byte for byte. Rendering uses OpenCV drawing + numpy only.
+what order, so a dataset is reproducible byte for byte (with the same OpenCV and numpy versions; another OpenCV may
+anti-alias an edge pixel differently). Rendering uses OpenCV drawing + numpy only.
 """
 
 from __future__ import annotations
@@ -446,7 +447,7 @@ def _render(ident: _Identity, rng: np.random.Generator, image_size: int) -> np.n
             4,
         )
     cv2.fillPoly(canvas, [upper], lip_colour, aa, 4)
-    cv2.fillPoly(canvas, [lower[[0, 1, 2, 3]]], lip_colour, aa, 4)
+    cv2.fillPoly(canvas, [lower], lip_colour, aa, 4)
 
     # Facial hair.
     if ident.beard in (1, 2):

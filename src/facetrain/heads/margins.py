@@ -141,7 +141,7 @@ def list_margins() -> list[str]:
 
 
 class Margin(nn.Module):
-    """Base class: sub-centre max, inter-class filtering, then the margin itself (``_apply``).
+    """Base class: sub-centre max, inter-class filtering, then the margin itself (``_margin``).
 
     Args:
         subcenter_k: sub-centres per class (1 = none).
@@ -185,9 +185,9 @@ class Margin(nn.Module):
             cos = subcenter_max(cos, self.subcenter_k)
         if self.interclass_filtering_threshold > 0:
             cos = interclass_filter(cos, labels, self.interclass_filtering_threshold)
-        return self._apply(cos, labels, norms)
+        return self._margin(cos, labels, norms)
 
-    def _apply(self, cos: Tensor, labels: Tensor, norms: Tensor | None) -> MarginOutput:  # pragma: no cover
+    def _margin(self, cos: Tensor, labels: Tensor, norms: Tensor | None) -> MarginOutput:  # pragma: no cover
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -336,7 +336,7 @@ class ArcFace(Margin):
     def _hparams(self) -> dict:
         return {"scale": self.scale, "angular_margin": self.angular_margin, "exact_gradient": self.exact_gradient}
 
-    def _apply(self, cos: Tensor, labels: Tensor, norms: Tensor | None) -> MarginOutput:
+    def _margin(self, cos: Tensor, labels: Tensor, norms: Tensor | None) -> MarginOutput:
         rows, cols = _targets(labels)
         cos_y = cos[rows, cols]
         if self.exact_gradient:
@@ -373,7 +373,7 @@ class CosFace(Margin):
     def _hparams(self) -> dict:
         return {"scale": self.scale, "additive_margin": self.additive_margin}
 
-    def _apply(self, cos: Tensor, labels: Tensor, norms: Tensor | None) -> MarginOutput:
+    def _margin(self, cos: Tensor, labels: Tensor, norms: Tensor | None) -> MarginOutput:
         rows, cols = _targets(labels)
         target = cos[rows, cols] - self.additive_margin
         return MarginOutput(_scaled_with_targets(cos, rows, cols, target, self.scale))
@@ -396,7 +396,7 @@ class SoftmaxHead(Margin):
     def _hparams(self) -> dict:
         return {"scale": self.scale}
 
-    def _apply(self, cos: Tensor, labels: Tensor, norms: Tensor | None) -> MarginOutput:
+    def _margin(self, cos: Tensor, labels: Tensor, norms: Tensor | None) -> MarginOutput:
         return MarginOutput(cos * self.scale if self.scale != 1.0 else cos.clone())
 
 
@@ -467,7 +467,7 @@ class CombinedMargin(Margin):
             "additive_margin": self.additive_margin,
         }
 
-    def _apply(self, cos: Tensor, labels: Tensor, norms: Tensor | None) -> MarginOutput:
+    def _margin(self, cos: Tensor, labels: Tensor, norms: Tensor | None) -> MarginOutput:
         rows, cols = _targets(labels)
         psi = monotonic_cos_margin(cos[rows, cols], self.multiplicative_margin, self.angular_margin)
         return MarginOutput(_scaled_with_targets(cos, rows, cols, psi - self.additive_margin, self.scale))
@@ -548,7 +548,7 @@ class CurricularFace(Margin):
     def _hparams(self) -> dict:
         return {"scale": self.scale, "angular_margin": self.angular_margin, "alpha": self.alpha}
 
-    def _apply(self, cos: Tensor, labels: Tensor, norms: Tensor | None) -> MarginOutput:
+    def _margin(self, cos: Tensor, labels: Tensor, norms: Tensor | None) -> MarginOutput:
         m = self.angular_margin
         rows, cols = _targets(labels)
         cos_y = cos[rows, cols]
@@ -620,7 +620,7 @@ class AdaFace(Margin):
     def _hparams(self) -> dict:
         return {"scale": self.scale, "margin": self.margin, "h": self.h, "t_alpha": self.t_alpha, "eps": self.eps}
 
-    def _apply(self, cos: Tensor, labels: Tensor, norms: Tensor | None) -> MarginOutput:
+    def _margin(self, cos: Tensor, labels: Tensor, norms: Tensor | None) -> MarginOutput:
         assert norms is not None
         eps, m = self.eps, self.margin
         cos = cos.clamp(-1 + eps, 1 - eps)
@@ -701,7 +701,7 @@ class MagFace(Margin):
             "easy_margin": self.easy_margin,
         }
 
-    def _apply(self, cos: Tensor, labels: Tensor, norms: Tensor | None) -> MarginOutput:
+    def _margin(self, cos: Tensor, labels: Tensor, norms: Tensor | None) -> MarginOutput:
         assert norms is not None
         a = norms.to(cos.dtype).clamp(self.lower_norm, self.upper_norm)
         slope = (self.upper_margin - self.lower_margin) / (self.upper_norm - self.lower_norm)

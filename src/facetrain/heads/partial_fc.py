@@ -31,13 +31,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facetrain.errors import ModelError, closest
 from facetrain.heads.margins import subcenter_max
 
-__all__ = ["PartialFC", "PartialFCOutput", "distributed_softmax_cross_entropy", "sample_centres", "shard_class_ids"]
+__all__ = [
+    "PartialFC",
+    "PartialFCOutput",
+    "cosine_logits",
+    "distributed_softmax_cross_entropy",
+    "sample_centres",
+    "shard_class_ids",
+    "unit_rows",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +243,7 @@ class PartialFC(nn.Module):
             dtype = torch.promote_types(embeddings.dtype, torch.float32)
             embeddings = embeddings.to(dtype)
             norms = embeddings.norm(dim=1)
-            cos = F.linear(unit_rows(embeddings), unit_rows(centres.to(dtype))).clamp(-1.0, 1.0)
+            cos = cosine_logits(unit_rows(embeddings), centres.to(dtype)).clamp(-1.0, 1.0)
             if self.subcenter_k > 1 and not self._margin_reduces_subcentres:
                 cos = subcenter_max(cos, self.subcenter_k)
             out = self.margin(cos, labels, norms)
@@ -368,18 +375,6 @@ class PartialFC(nn.Module):
         self.margin.load_state_dict(state["margin"])
         self._sample_step = int(state["sample_step"])
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
-        # Margin subclasses define their own ``_apply(cos, labels, norms)``, shadowing nn.Module._apply, so
-        # ``.to()/.cuda()/.double()`` cannot recurse into the margin normally: move it with the base implementation.
-        margin = self._modules.pop("margin")
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            self._modules["margin"] = margin
-        if recurse:
-            nn.Module._apply(margin, fn)
-        return self
-
     def get_extra_state(self) -> dict[str, int]:
         return {"sample_step": self._sample_step}
 
@@ -493,6 +488,42 @@ class _UnitRows(torch.autograd.Function):
 def unit_rows(rows: Tensor) -> Tensor:
     """(N, D) rows scaled to unit L2 norm (differentiable; see :class:`_UnitRows`)."""
     return _UnitRows.apply(rows)
+
+
+class _CosineLogits(torch.autograd.Function):
+    """``cos_ij = <u_i, w_j> / |w_j|`` without forming the normalized centres.
+
+    Backward, with ``g' = g / |w_j|`` (B, N): ``du = g' W`` and
+    ``dw_j = sum_i g'_ij u_i - w_j sum_i g'_ij cos_ij / |w_j|``: one (N, D) allocation (the gradient itself, as
+    for a plain linear layer) instead of the normalized copy, its gradient and the normalization's temporaries.
+    """
+
+    @staticmethod
+    def forward(ctx, unit: Tensor, centres: Tensor) -> Tensor:
+        norms = torch.linalg.vector_norm(centres, dim=1).clamp_min_(1e-12)
+        cos = (unit @ centres.T).div_(norms)
+        ctx.save_for_backward(unit, centres, norms, cos)
+        return cos
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        unit, centres, norms, cos = ctx.saved_tensors
+        scaled = grad / norms
+        grad_unit = scaled @ centres if ctx.needs_input_grad[0] else None
+        grad_centres = None
+        if ctx.needs_input_grad[1]:
+            grad_centres = scaled.T @ unit
+            radial = torch.linalg.vecdot(scaled, cos, dim=0).div_(norms)
+            grad_centres.addcmul_(centres, radial.unsqueeze(1), value=-1)
+        return grad_unit, grad_centres
+
+
+def cosine_logits(unit_embeddings: Tensor, centres: Tensor) -> Tensor:
+    """(B, N) cosines between unit-norm embeddings (B, D) and the directions of ``centres`` (N, D).
+
+    Equals ``unit_embeddings @ F.normalize(centres).T`` with its exact gradient (see :class:`_CosineLogits`).
+    """
+    return _CosineLogits.apply(unit_embeddings, centres)
 
 
 # --------------------------------------------------------------------------------------------------------------------

