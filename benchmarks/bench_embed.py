@@ -75,7 +75,7 @@ def tool(model_path: Path, root: Path, out: Path, batch_size: int, threads: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="mbf only, 64 images, 2 repeats")
+    parser.add_argument("--quick", action="store_true", help="mbf only, 48 images, 2 repeats")
     parser.add_argument("--models", default="r18,r50,mbf")
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best is reported")
     args = parser.parse_args()
     models = ["mbf"] if args.quick else args.models.split(",")
-    n_images = 64 if args.quick else args.images
+    n_images = 48 if args.quick else args.images
     batch = 16 if args.quick else args.batch_size
     repeats = 2 if args.quick else args.repeats
     workers = args.workers

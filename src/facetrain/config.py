@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from facetrain.errors import ConfigError, closest
@@ -41,6 +41,7 @@ __all__ = [
     "SyntheticConfig",
     "ModelConfig",
     "LossConfig",
+    "DistillConfig",
     "OptimConfig",
     "ScheduleConfig",
     "TrainConfig",
@@ -152,6 +153,20 @@ class ModelConfig(BaseModel):
     )
 
 
+class DistillConfig(BaseModel):
+    """Embedding distillation from precomputed teacher embeddings (``facetrain distill-dataset``)."""
+
+    model_config = _MODEL_CONFIG
+
+    weight: float = Field(0.0, ge=0.0, description="Weight of the distillation loss added to the margin loss; 0 = off.")
+    embeddings: str | None = Field(
+        None, description="Teacher embeddings FILE.npy, (N, D_t) in dataset index order (+ FILE.json sidecar)."
+    )
+    kind: Literal["cosine", "l2"] = Field(
+        "cosine", description="cosine: mean(1 - cos); l2: MSE of unit vectors. A projection is learned if D != D_t."
+    )
+
+
 class LossConfig(BaseModel):
     """Margin-based softmax loss and the Partial FC classifier.
 
@@ -197,6 +212,10 @@ class LossConfig(BaseModel):
     margin_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments of the margin (e.g. AdaFace h, MagFace bounds)."
     )
+    sharding: Literal["block", "mod"] = Field(
+        "block", description="Partial FC: how classes are spread over ranks (block = contiguous, as arcface_torch)."
+    )
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Embedding distillation.")
 
     @model_validator(mode="before")
     @classmethod
@@ -226,6 +245,26 @@ class OptimConfig(BaseModel):
     )
 
 
+class _StageLoss(BaseModel):
+    model_config = _MODEL_CONFIG
+
+    scale: float | None = Field(None, gt=0.0)
+    angular_margin: float | None = Field(None, ge=0.0)
+    additive_margin: float | None = Field(None, ge=0.0)
+    multiplicative_margin: float | None = Field(None, gt=0.0)
+
+
+class _Stage(BaseModel):
+    """One entry of ``schedule.stages`` (validated, then kept as a plain dict)."""
+
+    model_config = _MODEL_CONFIG
+
+    until_step: int = Field(gt=0)
+    loss: _StageLoss = Field(default_factory=_StageLoss)
+    lr_scale: float = Field(1.0, gt=0.0)
+    freeze_backbone: bool = False
+
+
 class ScheduleConfig(BaseModel):
     """Learning-rate schedule, stepped once per optimizer step."""
 
@@ -241,6 +280,22 @@ class ScheduleConfig(BaseModel):
         default_factory=list, description="Epochs at which the step schedule multiplies the lr by gamma."
     )
     gamma: float = Field(0.1, gt=0.0, le=1.0, description="Multiplicative lr factor at each step milestone.")
+    stages: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Training stages, each {until_step, loss: {scale, angular_margin, additive_margin, "
+        "multiplicative_margin}, lr_scale, freeze_backbone}, in force while step < until_step (increasing); after the "
+        "last one the base config applies. E.g. [{until_step: 2000, loss: {scale: 16}}].",
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _check_stages(cls, stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Validate each stage's keys and values; keep only what was set."""
+        checked = [_Stage.model_validate(stage).model_dump(exclude_none=True) for stage in stages]
+        ends = [stage["until_step"] for stage in checked]
+        if ends != sorted(set(ends)):
+            raise ValueError(f"until_step must increase from stage to stage, got {ends}")
+        return checked
 
 
 class TrainConfig(BaseModel):
@@ -266,6 +321,15 @@ class TrainConfig(BaseModel):
         description="Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps, xpu or xpu:N.",
     )
     log_every: int = Field(50, gt=0, description="Log loss, lr and throughput every this many optimizer steps.")
+    stop_after_steps: int | None = Field(
+        None,
+        gt=0,
+        description="End this process after this many steps (counted from its start or resume) with a checkpoint; "
+        "--resume auto continues (the schedule still spans max_steps). null = run to the end.",
+    )
+    freeze_backbone_steps: int = Field(
+        0, ge=0, description="Train only the class centres for the first N steps (fine-tuning on new identities)."
+    )
 
 
 class EvalConfig(BaseModel):

@@ -137,3 +137,16 @@ def test_make_bin_and_synth(run_cli, faces, tmp_path):
     assert code == 0, err
     images, issame = read_bin(tmp_path / "p.bin")
     assert len(images) == 8 and issame.tolist() == [True, False, True, False]
+
+
+def test_preview_augment_writes_grid(run_cli, faces, tmp_path):
+    out = tmp_path / "grid.png"
+    code, stdout, err = run_cli(
+        "data", "preview-augment", faces, "--preset", "strong", "--out", out, "--n", "6", "--columns", "3"
+    )
+    assert code == 0, err
+    assert "wrote 6 strong samples" in stdout
+    grid = cv2.imread(str(out))
+    assert grid.shape == (2 * 114 - 2, 3 * 114 - 2, 3)  # 2 rows x 3 tiles of 112 px with 2 px gaps
+    code, _, err = run_cli("data", "preview-augment", faces, "--preset", "strog", "--out", out)
+    assert code == 1 and "did you mean 'strong'" in err and len(err.strip().splitlines()) == 1

@@ -24,7 +24,7 @@ from facetrain.export import (  # noqa: E402
     random_faces,
     read_torchscript_metadata,
 )
-from facetrain.models import build_backbone, save_backbone  # noqa: E402
+from facetrain.models import build_backbone, list_backbones, save_backbone  # noqa: E402
 
 SMALL_MBF = {"blocks": (1, 1, 1, 1), "scale": 1}
 
@@ -300,3 +300,43 @@ def test_parity_on_real_aligned_faces(small_model, exported, assets_dir, run_cli
     assert faces.shape == (28, 112, 112, 3) and "28 faces" in description
     report = check_parity(small_model, exported, faces, faces=description)
     assert report.min_cosine > 0.9999, report
+
+
+def test_cli_random_init_export_then_check_agree(tmp_path, run_cli):
+    """--backbone NAME without a file: the same (seeded) random weights in export and in check."""
+    out = tmp_path / "rand.onnx"
+    code, stdout, err = run_cli("export", "onnx", "--backbone", "mbf", "--embedding-size", "64", out)
+    assert code == 0, err
+    assert inspect_onnx(out).metadata["facetrain.source_sha256"] == "random-init"
+    code, stdout, err = run_cli("export", "check", "--backbone", "mbf", "--embedding-size", "64", out, "--limit", "2")
+    assert code == 0, err
+    assert "PASS" in stdout
+    code, _stdout, err = run_cli("export", "onnx", "--backbone", "mbf")
+    assert code == 2 and "--backbone NAME and OUT" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list_backbones())
+def test_every_registered_backbone_exports_with_parity(name, tmp_path):
+    kwargs = {"zero_init_residual": True} if name.startswith("iresnet") else {}
+    module, _, _ = load_model_for_export(None, backbone=name, **kwargs)
+    # Random deep IResNets overflow float32 (r100: inf); small, non-zero residual scales keep them finite.
+    with torch.no_grad():
+        for bn in module.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d) and not bn.weight.any():
+                bn.weight.uniform_(0.01, 0.05)
+    info = export_onnx(module, tmp_path / f"{name}.onnx", name=name)
+    assert info.static_hw and info.dynamic_batch and not deployment_problems(info)
+    report = check_parity(module, tmp_path / f"{name}.onnx", random_faces(3))
+    assert report.min_cosine > 0.9999, report
+
+
+def test_parity_refuses_a_model_that_overflows(tmp_path):
+    class Overflow(torch.nn.Module):
+        def forward(self, x):
+            return (torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1) + 2.0) * 1e39  # inf in float32
+
+    model = Overflow().eval()
+    export_onnx(model, tmp_path / "inf.onnx")
+    with pytest.raises(ModelError, match="NaN/Inf"):
+        check_parity(model, tmp_path / "inf.onnx", random_faces(2))

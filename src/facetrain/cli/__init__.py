@@ -19,7 +19,7 @@ from facetrain import __version__
 from facetrain.errors import FacetrainError
 
 # One entry per submodule; a submodule lists its top-level click commands/groups in COMMANDS.
-_COMMAND_MODULES = ("demo", "config", "data", "models", "train", "eval", "align", "export", "embed")
+_COMMAND_MODULES = ("demo", "config", "data", "models", "train", "eval", "align", "export", "embed", "clean", "people")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -189,4 +189,25 @@ def synth(
     click.echo(f"wrote {n} synthetic images to {dst}")
 
 
+@data.command("preview-augment")
+@click.argument("path", type=click.Path())
+@click.option(
+    "--preset",
+    default="strong",
+    show_default=True,
+    help="Augmentation preset: none, flip, basic, strong or strong_mask.",
+)
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Output PNG grid.")
+@click.option("--n", "n", type=click.IntRange(min=1), default=32, show_default=True, help="Number of samples.")
+@click.option("--columns", type=click.IntRange(min=1), default=8, show_default=True, help="Tiles per row.")
+@click.option("--image-size", type=click.IntRange(min=16), default=112, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the sample choice and augmentation.")
+def preview_augment(path: str, preset: str, out: str, n: int, columns: int, image_size: int, seed: int) -> None:
+    """Write a PNG grid of N augmented samples of the dataset at PATH, to check a preset by eye."""
+    from facetrain.data.transforms import write_augment_preview
+
+    written = write_augment_preview(path, out, preset=preset, n=n, seed=seed, columns=columns, image_size=image_size)
+    click.echo(f"wrote {n} {preset} samples to {written}")
+
+
 COMMANDS = [data]

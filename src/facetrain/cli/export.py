@@ -131,7 +131,7 @@ def quantize_cmd(
 def _model_and_out(model, out, backbone, suffix):
     """With --backbone, a single positional argument is OUT (random init); otherwise MODEL and OUT are required."""
     if out is None:
-        if backbone is not None and model is not None and model.lower().endswith(suffix):
+        if backbone is not None and model is not None:
             return None, model
         raise click.UsageError(f"give MODEL and OUT{suffix}, or --backbone NAME and OUT{suffix}")
     return model, out

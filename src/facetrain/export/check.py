@@ -109,6 +109,11 @@ def check_parity(
     b = onnx_embedder.embed(images).astype(np.float64)
     if a.shape != b.shape:
         raise ModelError(f"{onnx_path}: ONNX embeddings have shape {b.shape}, PyTorch ones {a.shape}")
+    if not np.isfinite(a).all():
+        raise ModelError(
+            "the PyTorch model itself gives NaN/Inf embeddings on these faces (untrained or diverged weights); "
+            "parity cannot be measured"
+        )
     cos = np.einsum("ij,ij->i", a, b) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
     report = ParityReport(
         n_images=int(a.shape[0]),

@@ -201,6 +201,7 @@ def export_onnx(
             with torch.no_grad(), warnings.catch_warnings():
                 # The TorchScript-based exporter is chosen on purpose (symbolic batch, no onnxscript needed).
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # parity is checked instead
                 torch.onnx.export(wrapped, (dummy,), str(raw_path), **kwargs)
         except Exception as exc:  # exporter errors are many types with multi-line messages
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

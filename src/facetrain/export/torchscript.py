@@ -59,6 +59,7 @@ def export_torchscript(
     example = torch.zeros(2, 3, input_size, input_size)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.jit is deprecated, still supported
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # traced vs eager is compared below
         if isinstance(model, torch.jit.ScriptModule):
             scripted = model
         else:
