@@ -109,6 +109,7 @@ def verify_cmd(
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the results as JSON here.")
 @click.option("--save-features", type=click.Path(dir_okay=False), help="Save the image features (.npz) here.")
 @click.option("--from-features", type=click.Path(dir_okay=False), help="Score saved features instead of a model.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Write report.md/json + plots here.")
 def ijb_cmd(
     model,
     data_dir,
@@ -123,11 +124,12 @@ def ijb_cmd(
     json_out,
     save_features,
     from_features,
+    report_dir,
 ) -> None:
     """IJB-B/C 1:1 verification (TAR at FAR 1e-6..1e-1) and 1:N identification of MODEL (InsightFace protocol)."""
     from facetrain.errors import EvalError
     from facetrain.eval.ijb import evaluate_ijb_modes
-    from facetrain.eval.report import format_ijb_table, write_json
+    from facetrain.eval.report import format_ijb_table, ijb_json, write_json
 
     if model is None and from_features is None:
         raise EvalError("facetrain eval ijb needs a MODEL or --from-features FILE")
@@ -143,12 +145,16 @@ def ijb_cmd(
         progress=_progress(),
     )
     click.echo(format_ijb_table(results))
+    info = _model_info(embedder, model) if embedder is not None else {"features": str(from_features)}
     if json_out:
-        info = _model_info(embedder, model) if embedder is not None else {"features": str(from_features)}
-        write_json(json_out, {"model": info, "results": [r.summary() for r in results]})
+        write_json(json_out, ijb_json(results, model=info))
         click.echo(f"wrote {json_out}")
     if save_features:
         click.echo(f"wrote {save_features}")
+    if report_dir:
+        from facetrain.eval.report import write_ijb_report
+
+        click.echo(f"wrote {write_ijb_report(results, report_dir, model=info)}")
 
 
 def _parse_pairs(value: str) -> int | None:
@@ -188,6 +194,7 @@ def _parse_pairs(value: str) -> int | None:
 @click.option("--hard-pairs-bin", type=click.Path(dir_okay=False), help="Write the hardest pairs as a .bin here.")
 @click.option("--hard-pairs", default=100, show_default=True, help="Hardest genuine and impostor pairs to write.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the results as JSON here.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Write report.md/json + plots here.")
 def folder_cmd(
     model,
     root,
@@ -202,10 +209,11 @@ def folder_cmd(
     hard_pairs_bin,
     hard_pairs,
     json_out,
+    report_dir,
 ) -> None:
     """Evaluate MODEL on ROOT/<identity>/<image> aligned faces: accuracy, TAR@FAR, EER, leave-one-out rank-1."""
     from facetrain.eval.folder import embed_folder, evaluate_folder_embeddings, write_hard_pairs_bin
-    from facetrain.eval.report import format_folder_table, write_json
+    from facetrain.eval.report import folder_json, format_folder_table, write_json
 
     embedder = _open_model(model, backbone, device, batch_size, input_mean, input_std)
     folder = embed_folder(embedder, root, progress=_progress())
@@ -214,9 +222,14 @@ def folder_cmd(
     if hard_pairs_bin:
         count = write_hard_pairs_bin(result, folder.paths, hard_pairs_bin, per_kind=hard_pairs)
         click.echo(f"wrote {count} hard pairs to {hard_pairs_bin}")
+    info = _model_info(embedder, model)
     if json_out:
-        write_json(json_out, {"model": _model_info(embedder, model), "data": str(root), "results": result.summary()})
+        write_json(json_out, folder_json(result, model=info, data=str(root)))
         click.echo(f"wrote {json_out}")
+    if report_dir:
+        from facetrain.eval.report import write_folder_report
+
+        click.echo(f"wrote {write_folder_report(result, report_dir, model=info, data=str(root))}")
 
 
 @eval_group.command("calibrate")
@@ -228,20 +241,26 @@ def folder_cmd(
 @click.option("--pairs", default="5000000", show_default=True, help="Folder data: 'all', or a cap on the pairs.")
 @click.option("--seed", default=0, show_default=True, help="Pair sampling seed.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the result as JSON here.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Write report.md/json + plots here.")
 def calibrate_cmd(
-    model, data, batch_size, device, backbone, input_mean, input_std, far, confidence, pairs, seed, json_out
+    model, data, batch_size, device, backbone, input_mean, input_std, far, confidence, pairs, seed, json_out, report_dir
 ) -> None:
     """Cosine threshold of MODEL for a target FAR on DATA (identity folder or .bin), its TAR and exact intervals."""
     from facetrain.eval.calibrate import calibrate
-    from facetrain.eval.report import format_calibration, write_json
+    from facetrain.eval.report import calibration_json, format_calibration, write_json
 
     embedder = _open_model(model, backbone, device, batch_size, input_mean, input_std)
     result = calibrate(embedder, data, far=far, confidence=confidence, max_pairs=_parse_pairs(pairs), seed=seed,
                        progress=_progress())  # fmt: skip
     click.echo(format_calibration(result))
+    info = _model_info(embedder, model)
     if json_out:
-        write_json(json_out, {"model": _model_info(embedder, model), "results": result.summary()})
+        write_json(json_out, calibration_json(result, model=info))
         click.echo(f"wrote {json_out}")
+    if report_dir:
+        from facetrain.eval.report import write_calibration_report
+
+        click.echo(f"wrote {write_calibration_report(result, report_dir, model=info)}")
 
 
 COMMANDS = [eval_group]

@@ -27,6 +27,9 @@ _LAZY = {
     "calibrate_scores": "facetrain.eval.calibrate",
     "CalibrationResult": "facetrain.eval.calibrate",
     "write_verification_report": "facetrain.eval.report",
+    "write_ijb_report": "facetrain.eval.report",
+    "write_folder_report": "facetrain.eval.report",
+    "write_calibration_report": "facetrain.eval.report",
     "format_verification_table": "facetrain.eval.report",
 }
 

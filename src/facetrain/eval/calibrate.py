@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,9 +43,11 @@ class CalibrationResult:
     true_accepts: int
     reliable: bool
     source: str
+    scores: np.ndarray | None = field(default=None, repr=False, compare=False)  # (P,) cosine, for report plots
+    issame: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def summary(self) -> dict:
-        out = asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("scores", "issame")}
         out["far_interval"] = list(self.far_interval)
         out["tar_interval"] = list(self.tar_interval)
         return out
@@ -82,6 +84,8 @@ def calibrate_scores(
         true_accepts=op.n_true_accepts,
         reliable=op.n_impostor * far >= 1.0,
         source=source,
+        scores=np.asarray(scores),
+        issame=np.asarray(issame).astype(bool),
     )
 
 
