@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from facetrain.errors import ConfigError, closest
+from facetrain.fileio import atomic_write_text
 
 __all__ = [
     "PRESET_DIR",
@@ -459,17 +459,7 @@ def save_config(config: Config, path: str | os.PathLike[str]) -> Path:
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(config.to_yaml())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, config.to_yaml())
 
 
 def list_presets() -> dict[str, str]:

@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -37,6 +36,7 @@ import numpy as np
 
 from facetrain.embed import BaseEmbedder
 from facetrain.errors import DataError, ModelError, require
+from facetrain.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -615,14 +615,8 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _atomic_write(path: Path, write: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        write(fh)
 
 
 def _keys_digest(source) -> str:

@@ -12,12 +12,12 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from facetrain import fileio
 from facetrain.errors import DataError, ModelError
 
 log = logging.getLogger(__name__)
@@ -236,16 +236,7 @@ def relabel(keep_mask: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file under a temp name and rename it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fileio.atomic_write_text(path, text)
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
@@ -255,32 +246,17 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """``np.save`` under a temp name and rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
-    os.close(fd)
-    try:
+    with fileio.atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_figure(fig, path: str | os.PathLike) -> None:
     """Save a matplotlib figure atomically (PNG) and close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with fileio.atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
 

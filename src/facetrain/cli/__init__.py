@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     except FacetrainError as exc:
         if debug:
             raise
-        click.echo(f"error: {exc}", err=True)
+        message = str(exc)
+        # Messages that already name their kind ("config error: ...") are not prefixed twice.
+        click.echo(message if message.split(":", 1)[0].endswith("error") else f"error: {message}", err=True)
         sys.exit(1)
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import numpy as np
 
 from facetrain.data.occlusion import FaceMaskOcclusion, FacePartErasing
 from facetrain.errors import DataError, DependencyError, closest
+from facetrain.fileio import atomic_write_bytes
 
 __all__ = [
     "Augment",
@@ -304,15 +304,6 @@ def write_augment_preview(
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
     if not ok:
         raise DataError(f"{out}: could not encode the preview PNG")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(encoded.tobytes())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    out = atomic_write_bytes(out, encoded.tobytes())
     log.debug("wrote %d %s samples to %s", n, preset, out)
     return out

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from facetrain.errors import EvalError
+from facetrain.fileio import atomic_path
 
 if TYPE_CHECKING:
     from facetrain.embed import BaseEmbedder
@@ -222,18 +223,8 @@ def _aligned_chunk(image_dir: Path, meta: IJBMeta, lo: int, hi: int) -> np.ndarr
 
 def save_image_features(path: str | os.PathLike, img_feats: np.ndarray, meta: IJBMeta) -> None:
     """Save (n, 2D) image features with the image names and faceness scores (``.npz``, atomic)."""
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".npz") as tmp:
         np.savez(tmp, img_feats=img_feats, names=np.asarray(meta.names), faceness_scores=meta.faceness)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_features(path: str | os.PathLike, meta: IJBMeta) -> np.ndarray:

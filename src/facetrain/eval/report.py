@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from facetrain.eval.folder import FolderResult
 from facetrain.eval.ijb import IJBResult
 from facetrain.eval.roc import roc_curve
 from facetrain.eval.verification import VerificationResult
+from facetrain.fileio import atomic_write_bytes
 
 
 def format_verification_table(results: Mapping[str, VerificationResult]) -> str:
@@ -497,15 +497,7 @@ def _save(fig, path: str | os.PathLike) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def _safe_name(name: str) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from facetrain.errors import ModelError, require
+from facetrain.fileio import atomic_path
 
 if TYPE_CHECKING:
     import onnx
@@ -358,14 +359,8 @@ def _set_metadata(proto: onnx.ModelProto, values: dict[str, str]) -> None:
 def _save_atomic(proto: onnx.ModelProto, out: Path) -> None:
     import onnx
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        onnx.save(proto, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp:
+        onnx.save(proto, str(tmp))
 
 
 def _dims(value_info) -> list:

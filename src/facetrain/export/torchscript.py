@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from facetrain.errors import ModelError
 from facetrain.export.onnx import INPUT_MEAN, INPUT_STD
+from facetrain.fileio import atomic_path
 
 if TYPE_CHECKING:
     from torch import nn
@@ -82,17 +82,9 @@ def export_torchscript(
         "source_sha256": source_sha256 or "random-init",
         "model": name or type(model).__name__,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            torch.jit.save(scripted, tmp, _extra_files={METADATA_FILE: json.dumps(meta)})
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.jit.save(scripted, str(tmp), _extra_files={METADATA_FILE: json.dumps(meta)})
     logger.info("wrote %s (traced, max |traced - eager| = %.2g)", out, diff)
     return out
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from facetrain.errors import ModelError
+from facetrain.fileio import atomic_path
 from facetrain.models.registry import build_backbone, canonical_name
 
 log = logging.getLogger(__name__)
@@ -56,15 +56,8 @@ def save_backbone(model: nn.Module, path: str | os.PathLike, name: str, **kwargs
         "embedding_size": embedding_size,
         "backbone": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
