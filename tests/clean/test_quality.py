@@ -3,9 +3,19 @@ import pytest
 import torch
 
 from facetrain.clean.graph import removal_metrics
-from facetrain.clean.quality import BNFeatureExtractor, QualityModel, fit_quality, quality_verification, score_quality
+from facetrain.clean.quality import (
+    BNFeatureExtractor,
+    QualityModel,
+    fit_quality,
+    quality_verification,
+    quality_verification_table,
+    score_quality,
+)
 from facetrain.errors import ModelError
 from facetrain.models import build_backbone
+
+PAIR_SEEDS = (5, 6, 7)
+TRAIN_SEEDS = (0, 1, 2, 3, 4)
 
 
 def test_bn_features_match_float64_formula():
@@ -83,29 +93,85 @@ def test_quality_flags_corrupted_images_and_helps_verification(noisy_data, train
     )
     assert summary["dropped"] >= 1 and (tmp_path / "s.parquet").is_file()
 
-    # held-out identities: pairs where some images are corrupted; dropping the lowest-quality share must not hurt
+    # Held-out verification (the issue's before/after report): identities disjoint from training, 25% of the images
+    # degraded (heavy blur + noise, low resolution, occlusion; see conftest.degrade), accuracy over all pairs vs over
+    # the pairs whose images both survive dropping the lowest 25% by quality. "oracle" drops exactly the degraded ones.
+    res, oracle, auc = _held_out_before_after(trained_checkpoint, qpath, 5)
+    _print_held_out("tiny model (16 ids, 120 steps)", 5, res, oracle, auc)
+    table = quality_verification_table({"held-out": res, "oracle": oracle}, drop_share=0.25)
+    print(table)
+    assert "lowest 25% dropped" in table and f"{res['accuracy_after']:.4f}" in table
+    assert res["pairs_after"] < res["pairs_before"]
+    # This 16-identity model barely depends on the degraded images (oracle gain +0.013..+0.037) and its score separates
+    # them weakly (AUC ~0.54); measured gain +0.004 / +0.021 / +0.010 for pair seeds 5 / 6 / 7 (one thread). Only
+    # "dropping costs little" is asserted; the seed study with a stronger model is the slow test below.
+    assert res["accuracy_after"] >= res["accuracy_before"] - 0.05
+
+
+def _print_held_out(name, seed, res, oracle, auc):
+    print(
+        f"{name}, pair seed {seed}: accuracy {res['accuracy_before']:.3f} on {res['pairs_before']} pairs -> "
+        f"{res['accuracy_after']:.3f} on {res['pairs_after']} (lowest 25% quality dropped; degraded-vs-clean AUC "
+        f"{auc:.2f}); oracle {oracle['accuracy_after']:.3f} on {oracle['pairs_after']}"
+    )
+
+
+@pytest.mark.slow
+def test_quality_filtering_on_held_out_verification_over_training_seeds(tmp_path):
+    """The issue's claim, measured: on held-out identities with 25% degraded images, does dropping the lowest-quality
+    25% (and the pairs that lose them) raise verification accuracy? A stronger model than the session fixture (32
+    identities, 300 steps; conftest.make_quality_checkpoint), several training seeds x pair seeds (~3 min)."""
+    from .conftest import make_quality_checkpoint
+
+    gains, oracle_gains, aucs = [], [], []
+    for seed in TRAIN_SEEDS:
+        checkpoint, data, _ = make_quality_checkpoint(tmp_path / f"seed{seed}", seed)
+        qpath = tmp_path / f"seed{seed}" / "quality.json"
+        fit_quality(checkpoint, data, qpath, max_iter=60, max_leaf_nodes=4, progress=False)
+        for pair_seed in PAIR_SEEDS:
+            res, oracle, auc = _held_out_before_after(checkpoint, qpath, pair_seed)
+            _print_held_out(f"training seed {seed}", pair_seed, res, oracle, auc)
+            assert res["pairs_after"] < res["pairs_before"]
+            gains.append(res["accuracy_after"] - res["accuracy_before"])
+            oracle_gains.append(oracle["accuracy_after"] - oracle["accuracy_before"])
+            aucs.append(auc)
+    gains = np.array(gains).reshape(len(TRAIN_SEEDS), len(PAIR_SEEDS))
+    print("gain per training seed (mean over pair seeds):", np.round(gains.mean(axis=1), 3))
+    print("mean gain", round(float(gains.mean()), 4), "oracle mean gain", round(float(np.mean(oracle_gains)), 4))
+    print("degraded-vs-clean AUC of the score", round(float(np.mean(aucs)), 3))
+    # Measured (one thread; training seeds 0..4 x pair seeds 5..7): accuracy before 0.755..0.823; gain from the
+    # learned score per training seed +0.027 +0.032 -0.014 -0.006 +0.009 (single runs -0.036..+0.057), mean +0.010
+    # (a larger regressor, 200 trees of 8 leaves: -0.003..+0.021 per seed, mean +0.011); dropping exactly the
+    # degraded images ("oracle") gains +0.033 on average; the score separates degraded from clean images with AUC
+    # 0.50..0.64 only. So the degraded images do cost this model accuracy, but the BN-statistics score does not find
+    # them reliably enough for a gain that holds across seeds: the improvement is NOT asserted. Asserted, with
+    # margins below the measured values: the protocol has something to find (oracle) and dropping by the learned
+    # score does not cost accuracy on average.
+    assert np.mean(oracle_gains) >= 0.015  # measured 0.033
+    assert np.mean(aucs) >= 0.52  # measured 0.573
+    assert gains.mean() >= -0.01  # measured +0.0097
+
+
+def _held_out_before_after(checkpoint, qpath, seed: int, *, share: float = 0.25):
+    from sklearn.metrics import roc_auc_score
+
     from facetrain.data.synthetic import make_verification_pairs
-    from facetrain.embed import load_embedder
     from facetrain.models import load_backbone
 
-    from .conftest import corrupt
+    from .conftest import DEGRADATIONS, degrade
 
-    images, issame = make_verification_pairs(200, num_identities=40, seed=5)
+    images, issame = make_verification_pairs(400, num_identities=50, seed=seed)
     images = np.stack(images)
-    rng = np.random.default_rng(1)
-    bad = rng.random(len(images)) < 0.1
+    rng = np.random.default_rng(100 + seed)
+    bad = rng.random(len(images)) < share
+    kinds = rng.integers(0, len(DEGRADATIONS), len(images))
     for i in np.flatnonzero(bad):
-        images[i] = corrupt(images[i], rng)
-    feats, _ = BNFeatureExtractor(load_backbone(trained_checkpoint))(images)
-    scores = QualityModel.load(qpath).score(feats)
-    emb = load_embedder(trained_checkpoint, device="cpu").embed(images)
-    res = quality_verification(emb, scores, issame, drop_share=0.1)
-    print("held-out verification, learned score:", res)
-    assert res["pairs_after"] < res["pairs_before"]
-    # With this tiny model neither the learned score nor even dropping exactly the corrupted images changes held-out
-    # accuracy reliably (measured -0.03..+0.01); assert only that dropping costs little. The gain where low-quality
-    # images do break verification is checked on constructed embeddings in test_quality_verification_protocol.
-    assert res["accuracy_after"] >= res["accuracy_before"] - 0.05
+        images[i] = degrade(images[i], rng, DEGRADATIONS[kinds[i]])
+    feats, emb = BNFeatureExtractor(load_backbone(checkpoint))(images)
+    qm = QualityModel.load(qpath)
+    res = quality_verification(emb, qm.score(feats), issame, drop_share=share)
+    oracle = quality_verification(emb, np.where(bad, 0.0, 1.0), issame, drop_share=float(bad.mean()))
+    return res, oracle, float(roc_auc_score(bad, -qm.predict(feats)))
 
 
 def test_quality_verification_protocol():

@@ -49,6 +49,7 @@ __all__ = [
     "score_quality",
     "quality_verification",
     "quality_verification_bin",
+    "quality_verification_table",
 ]
 
 QUALITY_FORMAT = "facetrain.quality/1"
@@ -576,6 +577,30 @@ def quality_verification(
         "pairs_after": int(pair_ok.sum()),
         "threshold": cut,
     }
+
+
+def quality_verification_table(results: dict[str, dict], drop_share: float | None = None) -> str:
+    """The before/after report of :func:`quality_verification` as a text table, one row per evaluation set.
+
+    Args:
+        results: ``{name: quality_verification(...) result}``.
+        drop_share: the dropped share, for the header (optional).
+    """
+    dropped = f"lowest {drop_share:.0%} dropped" if drop_share is not None else "lowest-quality dropped"
+    head = ("set", "accuracy before", "pairs", f"accuracy after ({dropped})", "pairs after", "gain")
+    rows = [
+        (
+            name,
+            f"{r['accuracy_before']:.4f}",
+            str(r["pairs_before"]),
+            f"{r['accuracy_after']:.4f}",
+            str(r["pairs_after"]),
+            f"{r['accuracy_after'] - r['accuracy_before']:+.4f}",
+        )
+        for name, r in results.items()
+    ]
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [head, *rows])
 
 
 def quality_verification_bin(

@@ -138,6 +138,8 @@ class ProgressBar(HookBase):
         )
 
     def after_step(self, trainer: Trainer) -> None:
+        if self._bar.disable:  # hidden bar: skip formatting the postfix every step
+            return
         self._bar.update(1)
         self._bar.set_postfix(
             loss=f"{trainer.last_loss:.3f}", lr=f"{trainer.current_lr:.3g}", img_s=f"{trainer.images_per_sec:.0f}"

@@ -383,7 +383,9 @@ class Trainer:
         self.current_lr = self.optimizer.param_groups[0]["lr"]
         frozen = self.step < self.freeze_backbone_steps or bool(self._stage_value("freeze_backbone", False))
         self.raw_backbone.train(not frozen)
-        self.optimizer.zero_grad(set_to_none=True)
+        late_zero = self.device.type == "cpu"
+        if not late_zero:
+            self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro in range(self.accum):
             batch = next(batches)
@@ -391,6 +393,13 @@ class Trainer:
             context = contextlib.nullcontext() if sync else self.backbone.no_sync()
             with context:
                 loss = self.forward_loss(batch, frozen=frozen)
+                if late_zero and micro == 0:
+                    # On CPU, drop last step's gradients only after the first forward (nothing before the first
+                    # backward reads them): freed before it, glibc hands their heap back to the OS and the forward's
+                    # activations fault it in again (~2-4x the page faults per step, most of the Trainer's gap to a
+                    # bare loop in benchmarks/bench_train.py). GPUs free them first: lower peak memory, and the
+                    # caching allocator has no such cost.
+                    self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss / self.accum).backward()
             loss_sum += loss.detach().double() / self.accum
             self.images_seen += self.batch_size * self.world_size
