@@ -542,7 +542,7 @@ class _Source:
 
     @property
     def num_classes(self) -> int:
-        raise NotImplementedError
+        return self.dataset.num_classes
 
 
 class _FolderSource(_Source):
@@ -572,21 +572,6 @@ class _FolderSource(_Source):
 
     def key(self, i: int) -> str:
         return Path(self.dataset.samples[i][0]).stem
-
-    @property
-    def num_classes(self) -> int:
-        try:
-            return self.dataset.num_classes
-        except DataError:
-            # A record whose header cannot be read (already reported when skipping bad records): fall back on the
-            # property file, else on the labels of the records read so far.
-            prop = getattr(self.dataset, "_property", None)
-            if prop is not None:
-                return int(prop[0])
-            if self._max_label < 0:
-                raise
-            return self._max_label + 1
-
 
 class _RecSource(_Source):
     """One ``.rec`` or a folder of ``part-NNNNN.rec`` through :class:`~facetrain.data.recordio.RecordDataset`."""
