@@ -314,3 +314,69 @@ def test_resume_after_a_real_kill(tmp_path):
     with np.load(out) as got, np.load(tmp_path / "ref.npz") as want:
         assert got["ids"].tolist() == want["ids"].tolist()
         np.testing.assert_allclose(got["embeddings"], want["embeddings"], rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_streams_run_batches_concurrently_in_input_order(folder, tmp_path):
+    """On CPU the cores are split into streams (one session, concurrent runs, 1 intra-op thread each); the output
+    is the same rows in the same order as one stream, and an interrupted multi-stream run resumes."""
+    pytest.importorskip("onnxruntime")
+    from facetrain.embed_batch import PipelineOnnxEmbedder
+    from facetrain.errors import ModelError
+    from facetrain.export import export_onnx
+
+    root, truth = folder
+    torch.manual_seed(1)
+    onnx_path = tmp_path / "tiny.onnx"
+    export_onnx(TinyNet().eval(), onnx_path)
+    cpu = ["CPUExecutionProvider"]
+    parallel = PipelineOnnxEmbedder(onnx_path, batch_size=2, providers=cpu, threads=2)
+    assert parallel.streams == 2 and parallel.session.get_session_options().intra_op_num_threads == 1
+    single = PipelineOnnxEmbedder(onnx_path, batch_size=2, providers=cpu, threads=2, streams=1)
+    assert single.streams == 1 and single.session.get_session_options().intra_op_num_threads == 2
+    assert PipelineOnnxEmbedder(onnx_path, providers=cpu, threads=3, streams=8).streams == 3  # never above threads
+    with pytest.raises(ModelError, match="streams must be >= 1"):
+        PipelineOnnxEmbedder(onnx_path, providers=cpu, streams=0)
+
+    ids_ref, emb_ref = _reference(truth)
+    outputs = {}
+    for name, embedder in (("parallel", parallel), ("single", single)):
+        out = tmp_path / f"{name}.npz"
+        embed_to_file(embedder, root, out, batch_size=2, shard_size=3, workers=1)
+        with np.load(out) as data:
+            assert data["ids"].tolist() == ids_ref
+            np.testing.assert_allclose(data["embeddings"], emb_ref, rtol=1e-4, atol=1e-5)
+            outputs[name] = data["embeddings"]
+    np.testing.assert_allclose(outputs["parallel"], outputs["single"], rtol=1e-6, atol=1e-6)
+
+    out = tmp_path / "resumed.npz"
+    with pytest.raises(KeyboardInterrupt):
+        embed_to_file(parallel, root, out, batch_size=2, shard_size=3, on_shard=_interrupt)
+    summary = embed_to_file(parallel, root, out, batch_size=2, shard_size=3)
+    assert summary.n_resumed == 3
+    with np.load(out) as data:
+        assert data["ids"].tolist() == ids_ref
+        np.testing.assert_allclose(data["embeddings"], outputs["parallel"], rtol=1e-6, atol=1e-6)
+
+
+def test_native_prelu_model_is_decomposed_in_memory_with_the_same_embeddings(tmp_path):
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    import onnxruntime as ort
+
+    from facetrain.embed_batch import PipelineOnnxEmbedder
+    from facetrain.export import export_onnx
+    from facetrain.models import build_backbone
+
+    torch.manual_seed(0)
+    model = build_backbone("mbf", embedding_size=32, blocks=(1, 1, 1, 1), scale=1).eval()
+    path = tmp_path / "native.onnx"
+    export_onnx(model, path, prelu="native")
+    assert any(node.op_type == "PRelu" for node in onnx.load(str(path)).graph.node)
+    faces = _faces(5, seed=2)
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = ((faces.astype(np.float32) - 127.5) / 127.5).transpose(0, 3, 1, 2).copy()
+    expected = plain.run(None, {"data": x})[0]
+    before = path.read_bytes()
+    embedder = PipelineOnnxEmbedder(path, providers=["CPUExecutionProvider"], threads=1)
+    np.testing.assert_allclose(embedder.embed(faces), expected, rtol=1e-5, atol=1e-5)
+    assert path.read_bytes() == before  # the rewrite happens in memory; the file on disk is untouched

@@ -225,7 +225,9 @@ class OnnxEmbedder(BaseEmbedder):
         if threads:
             options.intra_op_num_threads = int(threads)
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+            from facetrain.export.graph import session_model
+
+            self.session = ort.InferenceSession(session_model(self.path, providers), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for malformed graphs
             raise ModelError(f"cannot load ONNX model {self.path}: {exc}") from exc
         inputs = self.session.get_inputs()

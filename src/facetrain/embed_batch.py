@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 OUTPUT_FORMATS = (".npz", ".npy", ".parquet")
+MAX_STREAMS = 8  # concurrent CPU runs by default: each holds a batch of activations
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 LIST_SUFFIXES = (".txt", ".lst", ".list", ".csv")
 
@@ -113,6 +114,7 @@ def embed_to_file(
     device: str | None = None,
     providers: list[str] | None = None,
     threads: int = 0,
+    streams: int | None = None,
     on_shard: Callable[[int], None] | None = None,
 ) -> EmbedSummary:
     """Embed every item of ``source`` and write ids, labels and raw embeddings to ``out``.
@@ -124,7 +126,7 @@ def embed_to_file(
             :class:`InputSource`.
         out: ``.npz``, ``.npy`` or ``.parquet`` file.
         batch_size: faces per model run (and items per decode task).
-        workers: decoder threads.
+        workers: decoder threads (with several model streams, each stream's thread also decodes its own chunk).
         shard_size: items per resumable shard.
         detector: detect + align faces first with this detector (``facetrain.align.build_detector`` name); each
             face becomes a row with id ``<item>#<k>``.
@@ -135,7 +137,9 @@ def embed_to_file(
         progress: tqdm progress bar; None shows it when stderr is a terminal.
         device: torch device for torch models.
         providers: onnxruntime providers for ONNX models.
-        threads: onnxruntime intra-op threads (0: default).
+        threads: CPU threads for an ONNX model in all (0: every usable core).
+        streams: concurrent model runs on CPU for an ONNX model (None: one per thread, up to 8; see
+            :class:`PipelineOnnxEmbedder`).
         on_shard: called with the index of each shard after it is written (tests use it to interrupt a run).
 
     Returns:
@@ -161,7 +165,9 @@ def embed_to_file(
     embedder = (
         model
         if hasattr(model, "embed")
-        else load_batch_embedder(model, batch_size=batch_size, device=device, providers=providers, threads=threads)
+        else load_batch_embedder(
+            model, batch_size=batch_size, device=device, providers=providers, threads=threads, streams=streams
+        )
     )
     input_size = tuple(getattr(embedder, "input_size", None) or (112, 112))
 
@@ -200,15 +206,24 @@ def embed_to_file(
     remaining = {s: 0 for s in range(n_shards) if s not in done}
     for shard, _items in tasks:
         remaining[shard] += 1
+    streams = max(1, int(getattr(embedder, "streams", 1)))
+
+    def embed_chunk(chunk):
+        faces, keys, labels, bad = chunk
+        embeddings = embedder.embed(faces) if len(faces) else np.zeros((0, embedder.embedding_size), np.float32)
+        return embeddings, keys, labels, bad
+
+    if streams > 1:  # each thread decodes its chunk and runs the model on it: `streams` batches in flight
+        work, threads, depth = (lambda task: embed_chunk(loader.load_chunk(task))), max(workers, streams), streams + 1
+    else:  # the decoders run ahead; the model runs here, one batch at a time
+        work, threads, depth = loader.load_chunk, workers, 2 * workers
     try:
         with (
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="facetrain-decode") as pool,
-            closing(_prefetch(pool, loader.load_chunk, tasks, 2 * workers)) as chunks,
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix="facetrain-embed") as pool,
+            closing(_prefetch(pool, work, tasks, depth)) as results,
         ):
-            for (shard, items), chunk in zip(tasks, chunks):
-                faces, keys, labels, bad = chunk
-                embeddings = embedder.embed(faces) if len(faces) else np.zeros((0, embedder.embedding_size), np.float32)
-                current.setdefault(shard, []).append((embeddings, keys, labels, bad))
+            for (shard, items), result in zip(tasks, results):
+                current.setdefault(shard, []).append(result if streams > 1 else embed_chunk(result))
                 bar.update(len(items))
                 remaining[shard] -= 1
                 if remaining[shard] == 0:
@@ -260,6 +275,7 @@ def load_batch_embedder(
     providers: list[str] | None = None,
     threads: int = 0,
     backbone: str | None = None,
+    streams: int | None = None,
 ):
     """Open a model file for batch embedding: ONNX through onnxruntime (IO binding on CUDA), others through torch.
 
@@ -273,39 +289,58 @@ def load_batch_embedder(
         raise ModelError(f"{path}: no such model file")
     if path.suffix.lower() == ".onnx":
         _check_onnx_file(path)
-        return PipelineOnnxEmbedder(path, batch_size=batch_size, providers=providers, threads=threads)
+        return PipelineOnnxEmbedder(path, batch_size=batch_size, providers=providers, threads=threads, streams=streams)
     return load_embedder(path, device=device, batch_size=batch_size, backbone=backbone)
 
 
 class PipelineOnnxEmbedder(BaseEmbedder):
-    """An ONNX face model under onnxruntime, set up to run beside decoder threads.
+    """An ONNX face model under onnxruntime, set up for throughput beside decoder threads.
 
     Input ``(B, 3, H, W)`` RGB float32 ``(x - 127.5) / 127.5`` (facetrain's and InsightFace's convention), one
-    ``(B, D)`` output. Intra-op threads do not spin while idle: spinning threads take the CPU the decoders need
-    between two batches (measured 1.3-1.5x faster on a busy 2-core machine). On CUDA the batches go through IO
-    binding (input copied to the GPU once, output read back once). A fixed batch dimension is padded.
+    ``(B, D)`` output. A fixed batch dimension is padded.
+
+    On CPU the cores are split into ``streams``: one session whose ``run`` is called from ``streams`` threads at
+    once, each on its own batch with ``threads // streams`` intra-op threads (default: one stream per core, up to 8).
+    Whole batches in parallel scale better than one batch split op by op across cores, where every op waits for
+    its slowest thread; intra-op threads do not spin while idle, which would take the CPU from the other streams and
+    the decoders. PReLUs are decomposed in memory (:func:`facetrain.export.graph.session_model`; exact). On CUDA one
+    stream runs with IO binding (input copied to the GPU once, output read back once).
 
     Args:
         path: the ``.onnx`` file.
         batch_size: images per run (ignored for a fixed batch dimension).
         providers: onnxruntime providers; default CUDA if available, then CPU.
-        threads: intra-op threads (0: onnxruntime's default).
+        threads: CPU threads in all (0: every core this process may use).
+        streams: concurrent runs on CPU (None: one per thread, at most 8; 1: one batch at a time on all threads).
     """
 
     def __init__(
-        self, path: str | os.PathLike, batch_size: int = 64, providers: list[str] | None = None, threads: int = 0
+        self,
+        path: str | os.PathLike,
+        batch_size: int = 64,
+        providers: list[str] | None = None,
+        threads: int = 0,
+        streams: int | None = None,
     ) -> None:
+        from facetrain.export.graph import session_model
+
         ort = require("onnxruntime", "onnx", "running ONNX models")
         self.path = Path(path)
         if providers is None:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        if streams is not None and streams < 1:
+            raise ModelError(f"streams must be >= 1, got {streams}")
+        gpu = any((p[0] if isinstance(p, tuple) else p) != "CPUExecutionProvider" for p in providers)
+        total = int(threads) if threads else _usable_cpus()
+        self.streams = 1 if gpu else min(int(streams), total) if streams else min(total, MAX_STREAMS)
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
+        if threads or not gpu:
+            options.intra_op_num_threads = max(1, total // self.streams)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+            model = session_model(self.path, providers)
+            self.session = ort.InferenceSession(model, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for malformed graphs
             raise ModelError(f"cannot load ONNX model {self.path}: {str(exc).splitlines()[0]}") from exc
         inp = self.session.get_inputs()[0]
@@ -637,6 +672,13 @@ def _check_onnx_file(path: Path) -> None:
         raise ModelError(f"{path}: input {info.input_name!r} has shape {shape}; expected (batch, 3, H, W) faces")
     if not info.static_hw:
         raise ModelError(f"{path}: input H, W {shape[2:]} are not fixed; re-export with a static 112x112 input")
+
+
+def _usable_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _is_int(text: str) -> bool:

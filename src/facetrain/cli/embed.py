@@ -17,9 +17,27 @@ import click
 @click.option("--restart", is_flag=True, help="discard the partial results of an earlier run.")
 @click.option("--overwrite", is_flag=True, help="replace an existing output file.")
 @click.option("--device", default=None, help="torch device for checkpoint/TorchScript models (default: cuda if any).")
-@click.option("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default).")
+@click.option("--threads", type=int, default=0, help="CPU threads for an ONNX model (0: every usable core).")
+@click.option(
+    "--streams",
+    type=int,
+    default=None,
+    help="concurrent ONNX runs on CPU, each on its own batch (default: one per thread, up to 8).",
+)
 def embed_cmd(
-    model, input_path, out, batch_size, workers, shard_size, detector, skip_bad, restart, overwrite, device, threads
+    model,
+    input_path,
+    out,
+    batch_size,
+    workers,
+    shard_size,
+    detector,
+    skip_bad,
+    restart,
+    overwrite,
+    device,
+    threads,
+    streams,
 ) -> None:
     """Embed every face of INPUT (aligned folder, .rec, list file, or photos with --detector) with MODEL.
 
@@ -41,6 +59,7 @@ def embed_cmd(
         overwrite=overwrite,
         device=device,
         threads=threads,
+        streams=streams,
     )
     resumed = f" ({summary.n_resumed} resumed)" if summary.n_resumed else ""
     click.echo(

@@ -26,13 +26,20 @@ def _model_options(fn):
 @_model_options
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--dynamo", is_flag=True, help="use the torch.export-based exporter (needs onnxscript).")
-def onnx_cmd(model, out, backbone, embedding_size, opset, dynamo) -> None:
+@click.option(
+    "--prelu",
+    type=click.Choice(["decomposed", "native"]),
+    default="decomposed",
+    show_default=True,
+    help="PReLU as exact Relu + slope*Min(x,0) (faster on CPU onnxruntime) or as native PRelu nodes.",
+)
+def onnx_cmd(model, out, backbone, embedding_size, opset, dynamo, prelu) -> None:
     """Export MODEL to OUT.onnx (input 'data' (batch, 3, 112, 112) RGB (x-127.5)/127.5, one raw-embedding output)."""
     from facetrain.export import export_onnx, load_model_for_export
 
     model, out = _model_and_out(model, out, backbone, ".onnx")
     module, sha, name = load_model_for_export(model, backbone=backbone, embedding_size=embedding_size)
-    info = export_onnx(module, out, opset=opset, source_sha256=sha, name=name, dynamo=dynamo)
+    info = export_onnx(module, out, opset=opset, source_sha256=sha, name=name, dynamo=dynamo, prelu=prelu)
     click.echo(
         f"wrote {info.path} ({info.size_bytes / 2**20:.1f} MB): input {info.input_name} {info.input_shape}, "
         f"embedding {info.metadata.get('facetrain.embedding_size')}, opset {info.opset}"
@@ -97,8 +104,33 @@ def check_cmd(model, onnx_path, backbone, embedding_size, data, bin_path, limit,
 @click.option("--allow-loss", is_flag=True, help="exit 0 even when the loss exceeds the budget.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="batch timed for latency.")
 @click.option("--quantize-depthwise", is_flag=True, help="INT8 depthwise convs too (slower on x86 CPUs).")
+@click.option(
+    "--activations",
+    type=click.Choice(["uint8", "int8"]),
+    default="uint8",
+    show_default=True,
+    help="static mode's activation type (uint8: onnxruntime's fast x86 kernels).",
+)
+@click.option(
+    "--prelu",
+    type=click.Choice(["decomposed", "native"]),
+    default="decomposed",
+    show_default=True,
+    help="rewrite PRelu as exact Relu + slope*Min(x,0) first (the Relu fuses into INT8 convs).",
+)
 def quantize_cmd(
-    in_path, out_path, mode, calib, calib_size, bin_path, accuracy_budget, allow_loss, batch_size, quantize_depthwise
+    in_path,
+    out_path,
+    mode,
+    calib,
+    calib_size,
+    bin_path,
+    accuracy_budget,
+    allow_loss,
+    batch_size,
+    quantize_depthwise,
+    activations,
+    prelu,
 ) -> None:
     """Quantize IN.onnx to OUT.onnx (INT8 dynamic/static, fp16) and print size, latency and accuracy before/after."""
     from facetrain.export import compare_models, load_faces, quantize
@@ -108,7 +140,15 @@ def quantize_cmd(
         if calib is None and bin_path is None:
             raise FacetrainError("--mode static needs --calib DIR of aligned faces (or --bin to calibrate on)")
         calibration, _ = load_faces(calib, bin_path=bin_path, limit=calib_size)
-    quantize(in_path, out_path, mode=mode, calibration=calibration, quantize_depthwise=quantize_depthwise)
+    quantize(
+        in_path,
+        out_path,
+        mode=mode,
+        calibration=calibration,
+        quantize_depthwise=quantize_depthwise,
+        activations=activations,
+        prelu=prelu,
+    )
     faces, description = load_faces(calib, bin_path=bin_path, limit=64)
     rows = compare_models([("fp32", in_path), (mode, out_path)], faces, bin_path=bin_path, batch_size=batch_size)
     click.echo(f"compared on {description}; latency: median CPU time of a batch of {batch_size}")

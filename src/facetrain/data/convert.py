@@ -573,6 +573,7 @@ class _FolderSource(_Source):
     def key(self, i: int) -> str:
         return Path(self.dataset.samples[i][0]).stem
 
+
 class _RecSource(_Source):
     """One ``.rec`` or a folder of ``part-NNNNN.rec`` through :class:`~facetrain.data.recordio.RecordDataset`."""
 

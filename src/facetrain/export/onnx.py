@@ -151,6 +151,7 @@ def export_onnx(
     source_sha256: str | None = None,
     name: str | None = None,
     dynamo: bool = False,
+    prelu: str = "decomposed",
 ) -> OnnxInfo:
     """Export a backbone (eager or TorchScript module) to an InsightFace-compatible ONNX file, atomically.
 
@@ -163,6 +164,9 @@ def export_onnx(
         name: model name stored in the metadata.
         dynamo: use the ``torch.export`` based exporter (needs ``onnxscript``); the default is the TorchScript-based
             one, which gives a symbolic batch dimension directly.
+        prelu: ``decomposed`` (default) writes each PReLU as the exact ``Relu(x) + slope * Min(x, 0)``, which
+            onnxruntime's CPU provider runs 1.2-1.5x faster and quantizes better (:mod:`facetrain.export.graph`);
+            ``native`` keeps ONNX ``PRelu`` nodes (one fused kernel on GPU runtimes such as TensorRT).
 
     Returns:
         :class:`OnnxInfo` of the written file.
@@ -173,6 +177,10 @@ def export_onnx(
     import torch
 
     onnx = require("onnx", "onnx", "ONNX export")
+    from facetrain.export.graph import PRELU_MODES, decompose_prelu
+
+    if prelu not in PRELU_MODES:
+        raise ModelError(f"unknown prelu mode {prelu!r}; use one of {', '.join(PRELU_MODES)}")
     if input_size < 112 or input_size % 16:
         raise ModelError(f"input_size must be >= 112 and a multiple of 16 (InsightFace's rule), got {input_size}")
     out = Path(out)
@@ -208,6 +216,8 @@ def export_onnx(
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"ONNX export of {name or type(model).__name__} failed: {first}") from exc
         proto = onnx.load(str(raw_path))
+        if prelu == "decomposed":
+            decompose_prelu(proto)
         _fix_graph(proto, embedding_size=embedding_size)
         _set_metadata(
             proto,
@@ -220,6 +230,7 @@ def export_onnx(
                 "facetrain.version": _facetrain_version(),
                 "facetrain.source_sha256": source_sha256 or "random-init",
                 "facetrain.model": name or type(model).__name__,
+                "facetrain.prelu": prelu,
             },
         )
         proto.producer_name = "facetrain"

@@ -2,8 +2,9 @@
 
 - ``dynamic``: weights to signed INT8 per output channel; activations quantized at run time
   (``onnxruntime.quantization.quantize_dynamic``). No calibration data.
-- ``static``: weights and activations INT8 in QDQ format, weights per channel, activation ranges from a calibration
-  set of aligned faces fed through a ``CalibrationDataReader`` (MinMax calibration).
+- ``static``: QDQ format, weights signed INT8 per channel, activations unsigned INT8 (onnxruntime's U8S8 kernels, the
+  fast path on x86), activation ranges from a calibration set of aligned faces fed through a
+  ``CalibrationDataReader`` (MinMax calibration).
   Depthwise convolutions stay float unless asked (see :func:`quantize`).
 - ``fp16``: weights and compute in float16 with float32 input/output kept
   (``onnxruntime.transformers.float16.convert_float_to_float16``, shipped inside the onnxruntime wheel).
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["MODES", "ModelStats", "compare_models", "quantize", "FaceCalibrationReader"]
 
 MODES = ("dynamic", "static", "fp16")
+_ACTIVATION_TYPES = {"uint8": "QUInt8", "int8": "QInt8"}
 
 
 @dataclass
@@ -66,6 +68,8 @@ def quantize(
     calibration: np.ndarray | None = None,
     per_channel: bool = True,
     quantize_depthwise: bool = False,
+    activations: str = "uint8",
+    prelu: str = "decomposed",
 ) -> Path:
     """Write a quantized copy of an ONNX model, atomically.
 
@@ -78,6 +82,13 @@ def quantize(
         quantize_depthwise: also quantize depthwise convolutions (``group > 1``). Off by default: onnxruntime's
             INT8 depthwise kernels are slower than its float ones on x86, which made INT8 MobileFaceNet slower than
             fp32 in our measurements (benchmarks/bench_embed.py), while skipping them costs little size.
+        activations: ``uint8`` (default; onnxruntime's U8S8 kernels, the fast path on x86 with or without VNNI) or
+            ``int8`` (S8S8: much slower on x86 in our measurements; an option for ARM) for static mode's activations.
+        prelu: ``decomposed`` (default) first rewrites ``PRelu`` nodes (INT8: as ``(1 - slope) * Relu(x) +
+            slope * x``, whose ops all have INT8 kernels; fp16: the exact form; see
+            :func:`facetrain.export.graph.decompose_prelu`), instead of a dequantize / float PReLU / quantize round
+            trip per PReLU; an exported model whose PReLUs are already decomposed is quantized as it is.
+            ``native`` keeps them.
 
     Returns:
         The written path.
@@ -86,20 +97,30 @@ def quantize(
         ModelError: unknown mode, unreadable model, or quantization failure.
         DataError: ``static`` without calibration faces.
     """
+    from facetrain.export.graph import PRELU_MODES
+
     if mode not in MODES:
         raise ModelError(f"unknown quantization mode {mode!r}; use one of {', '.join(MODES)}")
+    if activations not in _ACTIVATION_TYPES:
+        raise ModelError(f"unknown activation type {activations!r}; use one of {', '.join(_ACTIVATION_TYPES)}")
+    if prelu not in PRELU_MODES:
+        raise ModelError(f"unknown prelu mode {prelu!r}; use one of {', '.join(PRELU_MODES)}")
     in_path, out_path = Path(in_path), Path(out_path)
     info = inspect_onnx(in_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".facetrain-quant-", dir=out_path.parent) as tmpdir:
         tmp_out = Path(tmpdir) / "model.onnx"
+        source = in_path
+        if prelu == "decomposed":  # fp16 keeps float semantics: exact form; INT8: the form with INT8 kernels only
+            form = "exact" if mode == "fp16" else "affine"
+            source = _decomposed_copy(in_path, Path(tmpdir) / "source.onnx", form)
         try:
             if mode == "fp16":
-                _to_fp16(in_path, tmp_out)
+                _to_fp16(source, tmp_out)
             else:
                 quant = require("onnxruntime.quantization", "onnx", "INT8 quantization")
                 prepared = Path(tmpdir) / "prepared.onnx"
-                _preprocess(quant, in_path, prepared)
+                _preprocess(quant, source, prepared)
                 exclude = [] if quantize_depthwise else _depthwise_convs(prepared)
                 if mode == "dynamic":
                     quant.quantize_dynamic(
@@ -121,7 +142,7 @@ def quantize(
                         reader,
                         quant_format=quant.QuantFormat.QDQ,
                         per_channel=per_channel,
-                        activation_type=quant.QuantType.QInt8,
+                        activation_type=getattr(quant.QuantType, _ACTIVATION_TYPES[activations]),
                         weight_type=quant.QuantType.QInt8,
                         calibrate_method=quant.CalibrationMethod.MinMax,
                         nodes_to_exclude=exclude,
@@ -234,6 +255,23 @@ def _preprocess(quant, src: Path, dst: Path) -> None:
     except Exception as exc:  # pre-processing is an optimization; quantize the original graph if it fails
         logger.warning("quantization pre-processing skipped (%s)", str(exc).splitlines()[0] if str(exc) else exc)
         dst.write_bytes(src.read_bytes())
+
+
+def _decomposed_copy(src: Path, dst: Path, form: str) -> Path:
+    """``src`` with its PReLUs decomposed (in ``form``), written to ``dst``; ``src`` itself when it has none."""
+    import onnx
+
+    from facetrain.export.graph import decompose_prelu, restore_prelu
+
+    try:
+        proto = onnx.load(str(src))
+    except Exception as exc:  # onnx raises DecodeError and others for non-ONNX files
+        raise ModelError(f"{src}: not a readable ONNX model ({str(exc).splitlines()[0] if str(exc) else exc})") from exc
+    restored = restore_prelu(proto) if form != "exact" else 0  # facetrain's exports hold the exact form
+    if not decompose_prelu(proto, form) and not restored:
+        return src
+    onnx.save(proto, str(dst))
+    return dst
 
 
 def _depthwise_convs(path: Path) -> list[str]:
