@@ -76,6 +76,11 @@ def _worker(argv: list[str]) -> None:
     torch.set_num_threads(1)
     _register()
     out = Path(argv[0])
+    if argv[1:] == ["compile"]:  # DDP wrapped first, then torch.compile; no_sync on the first micro-step
+        compiled = ["train.batch_size=2", "train.grad_accum=2", "data.synthetic.val_identities=0", "train.compile=true"]
+        train(load_config(None, _overrides(out / "compiled_accum", 4) + compiled), progress=False)
+        torch.distributed.destroy_process_group()
+        return
     train(load_config(None, _overrides(out / "full", 4) + ["train.batch_size=4"]), progress=False)
     train(load_config(None, _overrides(out / "half", 2) + ["train.batch_size=4"]), progress=False)
     accum = ["train.batch_size=2", "train.grad_accum=2", "data.synthetic.val_identities=0"]
@@ -90,10 +95,13 @@ def _losses(run: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
+    return _torchrun(tmp_path_factory.mktemp("ddp"))
+
+
+def _torchrun(out: Path, *args: str, timeout: float = 240) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
@@ -177,6 +185,20 @@ def test_checkpoint_of_two_ranks_resumes_on_one(two_rank_runs, single_run, tmp_p
         torch.load(straight.checkpoint_path, weights_only=True),
         torch.load(resumed.checkpoint_path, weights_only=True),
         1e-5,
+    )
+
+
+@pytest.mark.slow
+def test_two_ranks_ddp_then_compile_with_no_sync_equal_one_process(single_run, tmp_path):
+    """``train.compile`` on 2 Gloo ranks: DDP wraps the backbone, then torch.compile (inductor) wraps DDP, and the
+    accumulation micro-step under ``no_sync`` still gives the global-batch gradient."""
+    out = _torchrun(tmp_path, "compile", timeout=420)
+    run = out / "compiled_accum"
+    assert _losses(run) == pytest.approx(_losses(single_run.output_dir), rel=1e-4, abs=1e-5)
+    _assert_same_state(
+        torch.load(single_run.checkpoint_path, weights_only=True),
+        torch.load(run / "checkpoint.pt", weights_only=True),
+        1e-4,
     )
 
 

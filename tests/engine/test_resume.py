@@ -181,3 +181,30 @@ def test_resume_errors_name_the_file(tmp_path, run_cli):
         read_checkpoint(tmp_path / "other.pt")
     code, _, err = run_cli("train", "demo_cpu", f"output.dir={tmp_path}", "--resume", str(tmp_path / "missing.pt"))
     assert code == 1 and "missing.pt" in err
+
+
+def test_resume_on_another_rank_count_derives_repeatable_streams(tmp_path):
+    """A checkpoint of another world size cannot give each new rank a saved stream; each rank's torch / numpy /
+    python streams restart from (train.seed, step, rank), so resuming it twice gives bitwise-identical runs."""
+    from facetrain.engine.trainer import train
+
+    def config(out: Path, *extra: str):
+        # Dropout draws from the global torch stream: the one randomness the derived seed governs in this loop.
+        return load_config("demo_cpu", [*_overrides(out), "model.dropout=0.5", "train.max_steps=4", *extra])
+
+    # A 2-rank checkpoint at step 2: a 1-rank checkpoint relabelled (its state is world-size independent).
+    half = train(config(tmp_path / "half", "train.stop_after_steps=2"), progress=False)
+    saved = torch.load(half.checkpoint_path, weights_only=True)
+    same = tmp_path / "same_world.pt"
+    torch.save(saved, same)
+    saved["world_size"], saved["rng"] = 2, saved["rng"] * 2
+    other = tmp_path / "two_ranks.pt"
+    torch.save(saved, other)
+
+    runs = [
+        train(config(tmp_path / name), resume=str(path), progress=False)
+        for name, path in (("a", other), ("b", other), ("c", same))
+    ]
+    a, b, c = (torch.load(r.checkpoint_path, weights_only=True) for r in runs)
+    _assert_bitwise_equal(a, b)
+    assert any(not torch.equal(v, c["backbone"][k]) for k, v in a["backbone"].items())  # another stream than saved

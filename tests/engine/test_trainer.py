@@ -294,6 +294,8 @@ def test_distillation_rejects_a_teacher_file_of_other_data(tmp_path):
 
 
 def test_cli_train_runs_and_reports(run_cli, tmp_path):
+    from facetrain.engine.hooks import TensorBoardWriter
+
     code, out, err = run_cli(
         "train",
         "demo_cpu",
@@ -310,5 +312,7 @@ def test_cli_train_runs_and_reports(run_cli, tmp_path):
     assert code == 0, err
     assert "trained 2 steps on 24 images of 6 identities" in out
     assert str(tmp_path / "checkpoint.pt") in out and "verification at step 2: synthetic_val" in out
+    if TensorBoardWriter.available():
+        assert f"tensorboard --logdir {tmp_path / 'tb'}" in out
     code, _, err = run_cli("train", "demo_cpu", "train.max_stepz=2")
     assert code == 1 and "train.max_steps" in err  # did-you-mean from the config loader

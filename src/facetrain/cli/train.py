@@ -59,6 +59,8 @@ def train_command(
     if result.best_path is not None:
         click.echo(f"best: {result.best_path}")
     click.echo(f"metrics: {result.metrics_path}")
+    if (result.output_dir / "tb").is_dir():
+        click.echo(f"tensorboard: tensorboard --logdir {result.output_dir / 'tb'}")
     if not result.completed:
         click.echo("stopped early (train.stop_after_steps); continue with --resume auto")
 

@@ -13,7 +13,12 @@ A checkpoint is one ``torch.save``-d dict that ``torch.load(path, weights_only=T
   ``world_size`` and ``progress`` (images seen, training seconds).
 
 Because the class centres and their optimizer state are stored whole, a run written by W ranks resumes on any
-number of ranks; the data order and RNG streams then continue approximately (exactly on the same W).
+number of ranks. On the same W every rank restores its own RNG states: the run continues exactly. On another W the
+data order continues where it stopped (no sample of the epoch repeated) and each rank's torch / numpy / python
+streams restart from a seed derived from ``(train.seed, step, rank)``: repeatable (the same checkpoint resumed twice
+on W' ranks gives the same run), but not the streams a straight W' run would have had, which never existed. Only
+dropout / drop-path draw from those streams; Partial FC sampling is seeded by ``(seed, rank, step)`` and
+augmentation by ``(seed, epoch, sample)``.
 """
 
 from __future__ import annotations

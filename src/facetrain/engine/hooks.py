@@ -4,7 +4,8 @@ Each hook may keep state (``state_dict`` / ``load_state_dict``) that the trainer
 run continues its verification history, best score and metric averages. Hooks that write metrics receive every
 record the trainer emits (``write(record)``): one metrics store, several writers (JSONL always, TensorBoard when
 installed, the tqdm bar). Only rank 0 writes files or shows a bar; verification runs on every rank (each embeds a
-slice of the images).
+slice of the images). The trainer calls ``before_train`` and ``after_step`` in order, and ``after_train`` in order
+with the metric writers last, so the final evaluation (made in :class:`Verification`'s ``after_train``) reaches them.
 """
 
 from __future__ import annotations
@@ -87,7 +88,13 @@ class JSONLWriter(HookBase):
 
 
 class TensorBoardWriter(HookBase):
-    """Scalars to TensorBoard (``torch.utils.tensorboard``) when the ``tensorboard`` package is installed."""
+    """Scalars to TensorBoard (``torch.utils.tensorboard``), tag ``"<kind>/<key>"`` (``train/loss``, ``train/lr``,
+    ``train/images_per_sec``, ``train/epoch``, ``eval/<val set>``) at the record's step.
+
+    Without the ``tensorboard`` package (``pip install facetrain[tensorboard]``) the hook logs one info line and does
+    nothing. Like :class:`JSONLWriter`, the log reads as one uninterrupted run: a fresh run hides the events an earlier
+    run left in ``log_dir`` and a resumed run hides those past the resumed step (TensorBoard's ``purge_step``).
+    """
 
     def __init__(self, log_dir: str | Path) -> None:
         self.log_dir = Path(log_dir)
@@ -95,14 +102,25 @@ class TensorBoardWriter(HookBase):
 
     @staticmethod
     def available() -> bool:
+        """Whether the ``tensorboard`` package is installed."""
         import importlib.util
 
         return importlib.util.find_spec("tensorboard") is not None
 
     def before_train(self, trainer: Trainer) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self._writer = SummaryWriter(str(self.log_dir), purge_step=trainer.resumed_step)
+        if not trainer.is_main:
+            return
+        try:
+            if not self.available():
+                raise ImportError("No module named 'tensorboard'")
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            logger.info("no TensorBoard events (%s); pip install tensorboard to get them in %s", exc, self.log_dir)
+            return
+        # purge_step P hides earlier events with step >= P: everything on a fresh run, what follows the checkpoint's
+        # step on a resume (its own records at that step were written before the checkpoint and are kept).
+        purge = 0 if trainer.resumed_step is None else trainer.resumed_step + 1
+        self._writer = SummaryWriter(str(self.log_dir), purge_step=purge)
 
     def write(self, record: dict[str, Any]) -> None:
         if self._writer is None:
@@ -115,6 +133,7 @@ class TensorBoardWriter(HookBase):
     def after_train(self, trainer: Trainer) -> None:
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
 
 
 class ProgressBar(HookBase):

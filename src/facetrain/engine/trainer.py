@@ -183,11 +183,14 @@ class Trainer:
             save_config(config, self.out_dir / "config.yaml")
         _seed_everything(config.train.seed)
         self._was_deterministic = torch.are_deterministic_algorithms_enabled()
+        self._was_cudnn_benchmark = torch.backends.cudnn.benchmark
         if config.train.deterministic:
             if self.device.type == "cuda":
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs it
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input size: cuDNN times its algorithms once, keeps the best
 
         # Data: the sampler splits each epoch over the ranks and knows how far this epoch got (resume).
         from facetrain.data.loader import ResumableDistributedSampler, build_train_loader
@@ -265,12 +268,13 @@ class Trainer:
             at_start=evaluate_at_start,
         )
         self.best = hooklib.BestCheckpoint(self.out_dir / BEST_NAME, target=config.eval.target)
-        self.hooks: list[hooklib.HookBase] = []
+        # Metric writers come first (open before anything emits) and get after_train last (the final evaluation in
+        # Verification.after_train still reaches them). TensorBoard: one info line when the package is missing.
+        self.writers: list[hooklib.HookBase] = []
         if self.is_main:
-            self.hooks.append(hooklib.JSONLWriter(self.metrics_path))
-            if hooklib.TensorBoardWriter.available():
-                self.hooks.append(hooklib.TensorBoardWriter(self.out_dir / "tb"))
-        self.hooks += [
+            self.writers += [hooklib.JSONLWriter(self.metrics_path), hooklib.TensorBoardWriter(self.out_dir / "tb")]
+        self.hooks: list[hooklib.HookBase] = [
+            *self.writers,
             hooklib.ProgressBar(progress),
             self.verification,
             self.best,
@@ -343,7 +347,7 @@ class Trainer:
                     self.completed = True
                 self.save_checkpoint(self.checkpoint_path)
             finally:
-                for hook in self.hooks:
+                for hook in [*(h for h in self.hooks if h not in self.writers), *self.writers]:
                     try:
                         hook.after_train(self)
                     except Exception:  # an after_train failure must not hide the loop's own error
@@ -351,6 +355,7 @@ class Trainer:
                         if self.completed:
                             raise
                 torch.use_deterministic_algorithms(self._was_deterministic)
+                torch.backends.cudnn.benchmark = self._was_cudnn_benchmark
         comm.barrier()
         return TrainResult(
             steps=self.step,
@@ -520,7 +525,7 @@ class Trainer:
         rng = state["rng"]
         if int(state["world_size"]) == self.world_size:
             restore_rng_state(rng[self.rank])
-        else:  # other rank count: data order continues (sampler), random streams are reseeded per rank
+        else:  # other rank count: data order continues (sampler); repeatable streams derived from (seed, step, rank)
             _seed_everything(self.config.train.seed + 7919 * self.step + self.rank)
         if self.is_main:
             logger.info("resumed from %s at step %d (written by %d rank(s))", path, self.step, state["world_size"])
