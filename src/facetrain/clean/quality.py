@@ -1,11 +1,24 @@
 """Face-quality scores from BatchNorm input statistics (the "QAA" idea of open_midas, implemented from its notes).
 
-Features: a forward hook on every BatchNorm module whose input is 4-D. For an input ``X (B, C, H, W)``:
-``v = var_{H,W}(X)`` per channel (unbiased), then the two per-layer features ``[var_c(v), mean_c(v)]`` (unbiased
-variance over channels), so ``2 L`` features for ``L`` BatchNorm2d layers, in module order. Target: the cosine between
-an image's embedding and its class centre (the trained classifier row; with sub-centres the nearest one). A gradient
-boosting regressor (scikit-learn ``HistGradientBoostingRegressor``, or CatBoost as in open_midas, optional) maps
-features to the target; the score is
+Features: a forward hook on every BatchNorm module whose input is 4-D. For an input ``X (B, C, H, W)`` of layer ``l``:
+``m = mean_{H,W}(X)`` and ``v = var_{H,W}(X)`` per channel (unbiased), then per layer
+
+* ``var_of_var = var_c(v)`` and ``mean_of_var = mean_c(v)`` (unbiased variance over channels): open_midas's two
+  features (``feature_set="qaa"``: ``2 L`` features for ``L`` BatchNorm2d layers, in module order);
+* with ``feature_set="qaa+ratios"`` (the default) also three ratios of the same statistics, which cancel a global
+  contrast factor at the first layer (it scales every ``v`` there by its square):
+  ``dispersion = var_c(v) / mean_c(v)^2``, ``mean_spread = var_c(m) / mean_c(v)`` and, from the second layer on,
+  ``gain = mean_c(v_l) / mean_c(v_{l-1})`` (how the variance grows or shrinks from one BatchNorm input to the next):
+  ``5 L - 1`` features. The per-channel spatial variance is dominated by the low-frequency content of the image
+  (background, lighting, face shape), which varies far more between clean images than blur, noise or a low
+  resolution change it; the ratios cancel part of that. Gradient-boosted trees cannot form such ratios from the raw
+  pair themselves (their splits are axis-aligned).
+
+Target: the cosine between an image's embedding and its class centre (the trained classifier row; with sub-centres the
+nearest one). Preferably fit on images of its identities that the backbone did not train on: on images it has
+memorized that cosine is near its maximum whatever their quality (docs/data_quality.md has the measured difference).
+A gradient boosting regressor (scikit-learn ``HistGradientBoostingRegressor``, or CatBoost as in open_midas,
+optional) maps features to the target; the score is
 ``round(100 * clip(prediction, 0, 1))``.
 
 Safe storage: the fitted trees are exported to JSON (feature, threshold, children, NaN direction and leaf value per
@@ -53,6 +66,8 @@ __all__ = [
 ]
 
 QUALITY_FORMAT = "facetrain.quality/1"
+FEATURE_SETS = ("qaa+ratios", "qaa")
+_EPS = 1e-12
 
 
 class BNFeatureExtractor:
@@ -62,14 +77,21 @@ class BNFeatureExtractor:
         module: a torch backbone (eager ``nn.Module``; TorchScript hooks are not supported).
         device: torch device (default: the module's).
         batch_size: images per forward.
+        feature_set: ``"qaa+ratios"`` (default) or ``"qaa"`` (open_midas's two features per layer); see the module
+            docstring.
 
     Raises:
-        ModelError: the module has no BatchNorm layer with a 4-D input.
+        ModelError: the module has no BatchNorm layer with a 4-D input, or the feature set is unknown.
     """
 
-    def __init__(self, module, *, device: str | None = None, batch_size: int = 128) -> None:
+    def __init__(
+        self, module, *, device: str | None = None, batch_size: int = 128, feature_set: str = "qaa+ratios"
+    ) -> None:
         import torch
 
+        if feature_set not in FEATURE_SETS:
+            raise ModelError(f"unknown quality feature set {feature_set!r}; known: {', '.join(FEATURE_SETS)}")
+        self.feature_set = feature_set
         if isinstance(module, torch.jit.ScriptModule):
             raise ModelError("quality features need an eager PyTorch backbone, not TorchScript (hooks do not run)")
         self.layers = [(name, m) for name, m in module.named_modules() if type(m).__name__.startswith("BatchNorm")]
@@ -96,11 +118,17 @@ class BNFeatureExtractor:
 
     @property
     def feature_names(self) -> list[str]:
-        """``<layer>.var_of_var``, ``<layer>.mean_of_var`` per BatchNorm2d layer."""
-        return [f"{n}.{s}" for n in self.layer_names for s in ("var_of_var", "mean_of_var")]
+        """``<layer>.var_of_var``, ``<layer>.mean_of_var`` per BatchNorm2d layer, then (``qaa+ratios``)
+        ``<layer>.dispersion``, ``<layer>.mean_spread`` per layer and ``<layer>.gain`` from the second layer on."""
+        names = [f"{n}.{s}" for n in self.layer_names for s in ("var_of_var", "mean_of_var")]
+        if self.feature_set == "qaa+ratios":
+            names += [f"{n}.{s}" for n in self.layer_names for s in ("dispersion", "mean_spread")]
+            names += [f"{n}.gain" for n in self.layer_names[1:]]
+        return names
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(B, 112, 112, 3)`` uint8 RGB -> ``(features (B, 2L) float32, embeddings (B, D) float32)``."""
+        """``(B, 112, 112, 3)`` uint8 RGB -> ``(features (B, F) float32, embeddings (B, D) float32)``, ``F`` =
+        ``len(feature_names)``."""
         feats, embs = [], []
         for start in range(0, len(images), self.batch_size):
             f, e = self._forward(images[start : start + self.batch_size])
@@ -117,8 +145,13 @@ class BNFeatureExtractor:
             def _record(_module, inputs, _output):
                 x = inputs[0]
                 if x.ndim == 4:
-                    v = x.float().flatten(2).var(dim=2, unbiased=True)  # (B, C)
-                    stats[name] = torch.stack([v.var(dim=1, unbiased=True), v.mean(dim=1)], dim=1)
+                    # float64: a variance of variances loses digits in float32 (MPS has no float64)
+                    flat = x.flatten(2).to(torch.float32 if x.device.type == "mps" else torch.float64)
+                    v = flat.var(dim=2, unbiased=True)  # (B, C)
+                    m = flat.mean(dim=2)
+                    stats[name] = torch.stack(
+                        [v.var(dim=1, unbiased=True), v.mean(dim=1), m.var(dim=1, unbiased=True)], dim=1
+                    )
 
             return _record
 
@@ -135,7 +168,14 @@ class BNFeatureExtractor:
                 h.remove()
         if not self.layer_names:
             self.layer_names = [name for name, _ in self.layers if name in stats]
-        feats = torch.cat([stats[name] for name in self.layer_names], dim=1)
+        per_layer = torch.stack([stats[name] for name in self.layer_names], dim=1)  # (B, L, 3)
+        var_of_var, mean_of_var, var_of_mean = per_layer.unbind(dim=2)  # (B, L) each
+        cols = [per_layer[:, :, :2].flatten(1)]  # var_of_var, mean_of_var per layer, layer-major
+        if self.feature_set == "qaa+ratios":
+            denom = mean_of_var.clamp_min(_EPS)
+            cols.append(torch.stack([var_of_var / denom**2, var_of_mean / denom], dim=2).flatten(1))
+            cols.append(mean_of_var[:, 1:] / denom[:, :-1])
+        feats = torch.cat(cols, dim=1)
         return feats.cpu().numpy().astype(np.float32), out.float().cpu().numpy()
 
 
@@ -146,7 +186,7 @@ class QualityModel:
         baseline: the constant initial prediction.
         trees: list of dicts of equal-length node arrays ``feature``, ``threshold``, ``left``, ``right``,
             ``missing_left``, ``is_leaf``, ``value``.
-        feature_names: names of the ``2 L`` input features.
+        feature_names: names of the ``F`` input features (:attr:`BNFeatureExtractor.feature_names`).
         meta: provenance (backbone, training figures).
     """
 
@@ -208,7 +248,7 @@ class QualityModel:
         return cls(float(np.ravel(bias)[0]), trees, feature_names, meta)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        """Raw predictions (cosine-to-centre estimates), ``(N, 2L) -> (N,)`` float64."""
+        """Raw predictions (cosine-to-centre estimates), ``(N, F) -> (N,)`` float64."""
         x = np.asarray(features, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != len(self.feature_names):
             raise ModelError(
@@ -311,7 +351,7 @@ def fit_quality_arrays(
     """Fit the regressor on precomputed features and targets, export it, and check the export.
 
     Args:
-        features: (N, 2L) BN features.
+        features: (N, F) BN features.
         targets: (N,) cosine to the class centre.
         feature_names: names of the features.
         max_iter, learning_rate, max_leaf_nodes, l2_regularization: ``HistGradientBoostingRegressor`` settings
@@ -402,17 +442,20 @@ def fit_quality(
     device: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    feature_set: str = "qaa+ratios",
     **regressor_kwargs,
 ) -> QualityFitReport:
     """Fit a quality model for a backbone from its training checkpoint and dataset; writes ``out`` (JSON).
 
     Args:
         checkpoint: training checkpoint with ``class_centres`` (the targets) and the backbone (the features).
-        data: its training dataset (labels index ``class_centres``).
+        data: images of the checkpoint's identities (labels index ``class_centres``), best ones the backbone did not
+            train on (its cosine to the centre of a memorized image is near the maximum whatever the quality).
         out: the quality model file (``.json``).
         max_images: fit on a seeded random subset of this many images.
         batch_size, device: feature extraction.
         seed: subset / split / regressor seed.
+        feature_set: ``"qaa+ratios"`` or ``"qaa"`` (see :class:`BNFeatureExtractor`); stored in the model.
         **regressor_kwargs: see :func:`fit_quality_arrays`.
     """
     from facetrain.data import open_dataset
@@ -421,7 +464,9 @@ def fit_quality(
 
     ckpt = load_training_checkpoint(checkpoint)
     backbone = load_backbone(checkpoint)
-    extractor = BNFeatureExtractor(backbone, device=default_device(device), batch_size=batch_size)
+    extractor = BNFeatureExtractor(
+        backbone, device=default_device(device), batch_size=batch_size, feature_set=feature_set
+    )
     centres = ckpt["class_centres"].reshape(ckpt["num_classes"], ckpt["subcenter_k"], -1)
     if centres.shape[2] != extractor.embedding_size:
         raise ModelError(
@@ -440,6 +485,7 @@ def fit_quality(
         "backbone_identity": state_dict_hash(backbone.state_dict()),
         "data": str(data),
         "target": "cosine to the class centre",
+        "feature_set": feature_set,
     }
     model, report = fit_quality_arrays(
         feats, targets, extractor.feature_names, seed=seed, meta=meta, **regressor_kwargs
@@ -488,10 +534,9 @@ def score_quality(
         Summary dict: ``images``, ``mean_quality``, ``dropped`` (when filtering), ``out``.
     """
     from facetrain.data import open_dataset
-    from facetrain.models import load_backbone
 
     qm = QualityModel.load(quality_model)
-    extractor = BNFeatureExtractor(load_backbone(model), device=default_device(device), batch_size=batch_size)
+    extractor = _extractor_for(qm, model, device, batch_size)
     if extractor.feature_names != qm.feature_names:
         raise ModelError(
             f"{quality_model} was fitted on {len(qm.feature_names)} BN features of another backbone; {model} gives "
@@ -517,6 +562,16 @@ def score_quality(
         write_subset(data, filtered_out, keep, new_labels, fmt=fmt, overwrite=overwrite)
         summary.update(dropped=int(len(labels) - len(keep)), filtered_out=str(filtered_out))
     return summary
+
+
+def _extractor_for(qm: QualityModel, model, device, batch_size) -> BNFeatureExtractor:
+    """The feature extractor a quality model was fitted with (models written before feature sets existed: ``qaa``)."""
+    from facetrain.models import load_backbone
+
+    feature_set = qm.meta.get("feature_set", "qaa")
+    return BNFeatureExtractor(
+        load_backbone(model), device=default_device(device), batch_size=batch_size, feature_set=feature_set
+    )
 
 
 def write_scores(path: str | os.PathLike, labels: np.ndarray, quality: np.ndarray, raw: np.ndarray) -> None:
@@ -614,10 +669,9 @@ def quality_verification_bin(
 ) -> dict:
     """:func:`quality_verification` on a verification ``.bin`` (embeddings and scores from ``model``)."""
     from facetrain.data import read_bin
-    from facetrain.models import load_backbone
 
     qm = QualityModel.load(quality_model)
-    extractor = BNFeatureExtractor(load_backbone(model), device=default_device(device), batch_size=batch_size)
+    extractor = _extractor_for(qm, model, device, batch_size)
     images, issame = read_bin(bin_path)
     images = np.stack(images)
     feats, emb = extractor(images)

@@ -150,6 +150,14 @@ def quality_group() -> None:
     help="scikit-learn HistGradientBoosting, or CatBoost (pip install catboost).",
 )
 @click.option("--depth", type=int, default=10, show_default=True, help="catboost tree depth.")
+@click.option(
+    "--features",
+    "feature_set",
+    type=click.Choice(["qaa+ratios", "qaa"]),
+    default="qaa+ratios",
+    show_default=True,
+    help="BN statistics per layer: open_midas's var/mean of the channel variances, or those plus three ratios.",
+)
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--device", default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -163,11 +171,13 @@ def quality_fit_cmd(
     max_leaf_nodes,
     regressor,
     depth,
+    feature_set,
     batch_size,
     device,
     seed,
 ) -> None:
-    """Fit a quality regressor: BN features of CHECKPOINT's backbone -> cosine to the class centre, on DATA."""
+    """Fit a quality regressor: BN features of CHECKPOINT's backbone -> cosine to the class centre, on DATA (best:
+    images of its identities that it did not train on)."""
     from facetrain.clean.quality import fit_quality
 
     report = fit_quality(
@@ -183,6 +193,7 @@ def quality_fit_cmd(
         max_leaf_nodes=max_leaf_nodes,
         regressor=regressor,
         depth=depth,
+        feature_set=feature_set,
     )
     click.echo(
         f"wrote {out}: {report.trees} trees on {report.features} features from {report.images} images; "
