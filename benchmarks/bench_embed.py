@@ -76,7 +76,10 @@ def tool(
     from facetrain.embed_batch import embed_to_file, load_batch_embedder
 
     embedder = load_batch_embedder(model_path, batch_size=batch_size, device="cpu", threads=threads, streams=streams)
-    embedder.embed(np.zeros((batch_size, 112, 112, 3), np.uint8))  # warm-up
+    if hasattr(embedder, "warm_up"):  # every stream runs one full batch, as the bare loop's warm-up run does
+        embedder.warm_up()
+    else:
+        embedder.embed(np.zeros((batch_size, 112, 112, 3), np.uint8))
     summary = embed_to_file(embedder, root, out, batch_size=batch_size, workers=workers, progress=False, overwrite=True)
     return summary.items_per_s
 

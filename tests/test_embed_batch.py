@@ -380,3 +380,19 @@ def test_native_prelu_model_is_decomposed_in_memory_with_the_same_embeddings(tmp
     embedder = PipelineOnnxEmbedder(path, providers=["CPUExecutionProvider"], threads=1)
     np.testing.assert_allclose(embedder.embed(faces), expected, rtol=1e-5, atol=1e-5)
     assert path.read_bytes() == before  # the rewrite happens in memory; the file on disk is untouched
+
+
+def test_warm_up_runs_every_stream_once(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from facetrain.embed_batch import PipelineOnnxEmbedder
+    from facetrain.export import export_onnx
+
+    torch.manual_seed(1)
+    onnx_path = tmp_path / "tiny.onnx"
+    export_onnx(TinyNet().eval(), onnx_path)
+    embedder = PipelineOnnxEmbedder(onnx_path, batch_size=3, providers=["CPUExecutionProvider"], threads=2)
+    calls = []
+    original = embedder._embed_batch
+    embedder._embed_batch = lambda batch: calls.append(batch.shape) or original(batch)
+    embedder.warm_up()
+    assert calls == [(3, 112, 112, 3)] * embedder.streams and embedder.streams == 2

@@ -86,6 +86,7 @@ def test_affine_form_and_restoring_the_exact_form():
     exact = _prelu_model(slope)
     decompose_prelu(exact)
     assert restore_prelu(exact) == 2 and count_ops(exact) == {"PRelu": 2}
+    assert [init.name for init in exact.graph.initializer] == ["slope"]  # the zero constant went with the Min nodes
     onnx.checker.check_model(exact)
     np.testing.assert_array_equal(_run(exact, x), native)
 

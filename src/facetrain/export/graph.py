@@ -140,6 +140,7 @@ def restore_prelu(proto: onnx.ModelProto) -> int:
 
     replaced: dict[int, onnx.NodeProto] = {}  # index of the Add -> its PRelu
     dropped: set[int] = set()
+    zeros: set[str] = set()
     for index, add in enumerate(nodes):
         if add.op_type != "Add" or len(add.input) != 2 or not all(n in producer for n in add.input):
             continue
@@ -158,10 +159,15 @@ def restore_prelu(proto: onnx.ModelProto) -> int:
             continue
         replaced[index] = helper.make_node("PRelu", [x, slope], list(add.output), name=add.name + "_prelu")
         dropped |= {relu, minimum, mul}
+        zeros.add(min_inputs[1 - min_inputs.index(x)])
     if replaced:
         kept = [replaced.get(i, node) for i, node in enumerate(nodes) if i not in dropped]
         del graph.node[:]
         graph.node.extend(kept)
+        still_read = {name for node in kept for name in node.input} | outputs
+        unused = [init for init in graph.initializer if init.name in zeros and init.name not in still_read]
+        for init in unused:  # the zero constants nothing reads any more
+            graph.initializer.remove(init)
     return len(replaced)
 
 
