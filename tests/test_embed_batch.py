@@ -382,7 +382,7 @@ def test_native_prelu_model_is_decomposed_in_memory_with_the_same_embeddings(tmp
     assert path.read_bytes() == before  # the rewrite happens in memory; the file on disk is untouched
 
 
-def test_warm_up_runs_every_stream_once(tmp_path):
+def test_warm_up_runs_full_batches_on_every_stream(tmp_path):
     pytest.importorskip("onnxruntime")
     from facetrain.embed_batch import PipelineOnnxEmbedder
     from facetrain.export import export_onnx
@@ -394,5 +394,5 @@ def test_warm_up_runs_every_stream_once(tmp_path):
     calls = []
     original = embedder._embed_batch
     embedder._embed_batch = lambda batch: calls.append(batch.shape) or original(batch)
-    embedder.warm_up()
-    assert calls == [(3, 112, 112, 3)] * embedder.streams and embedder.streams == 2
+    embedder.warm_up(rounds=2)
+    assert calls == [(3, 112, 112, 3)] * 2 * embedder.streams and embedder.streams == 2
