@@ -640,7 +640,10 @@ def main() -> None:
         run_cpu(args.quick, args.threads)
     if args.quick:
         return
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
     if device.type == "cpu" and not args.dry_run:

@@ -117,3 +117,12 @@ def test_dry_run_of_the_gpu_part_prints_every_section():
     assert "| 2 worker(s) |" in out and "Feeding 2,900 img/s takes about" in out
     grid = [line for line in out.splitlines() if line.startswith(("| r50 | 1,000 |", "| mbf | 1,000 |"))]
     assert len(grid) == 12 and not any("OOM" in line or "skipped" in line for line in grid), grid
+
+
+def test_without_cuda_the_gpu_part_is_skipped_with_one_line(bench, monkeypatch, capsys):
+    """`python benchmarks/bench_train.py` on a machine without CUDA: part (b) is skipped, not a crash."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--gpu-only"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "no CUDA device: part (b) skipped" in out
