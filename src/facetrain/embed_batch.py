@@ -214,16 +214,17 @@ def embed_to_file(
         return embeddings, keys, labels, bad
 
     if streams > 1:  # each thread decodes its chunk and runs the model on it: `streams` batches in flight
-        work, threads, depth = (lambda task: embed_chunk(loader.load_chunk(task))), max(workers, streams), streams + 1
+        work, finish = (lambda task: embed_chunk(loader.load_chunk(task))), (lambda result: result)
+        threads, depth = max(workers, streams), streams + 1
     else:  # the decoders run ahead; the model runs here, one batch at a time
-        work, threads, depth = loader.load_chunk, workers, 2 * workers
+        work, finish, threads, depth = loader.load_chunk, embed_chunk, workers, 2 * workers
     try:
         with (
             ThreadPoolExecutor(max_workers=threads, thread_name_prefix="facetrain-embed") as pool,
             closing(_prefetch(pool, work, tasks, depth)) as results,
         ):
             for (shard, items), result in zip(tasks, results):
-                current.setdefault(shard, []).append(result if streams > 1 else embed_chunk(result))
+                current.setdefault(shard, []).append(finish(result))
                 bar.update(len(items))
                 remaining[shard] -= 1
                 if remaining[shard] == 0:
@@ -322,7 +323,7 @@ class PipelineOnnxEmbedder(BaseEmbedder):
         threads: int = 0,
         streams: int | None = None,
     ) -> None:
-        from facetrain.export.graph import session_model
+        from facetrain.export.graph import cpu_only, session_model
 
         ort = require("onnxruntime", "onnx", "running ONNX models")
         self.path = Path(path)
@@ -331,7 +332,7 @@ class PipelineOnnxEmbedder(BaseEmbedder):
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         if streams is not None and streams < 1:
             raise ModelError(f"streams must be >= 1, got {streams}")
-        gpu = any((p[0] if isinstance(p, tuple) else p) != "CPUExecutionProvider" for p in providers)
+        gpu = not cpu_only(providers)
         total = int(threads) if threads else _usable_cpus()
         self.streams = 1 if gpu else min(int(streams), total) if streams else min(total, MAX_STREAMS)
         options = ort.SessionOptions()

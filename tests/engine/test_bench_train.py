@@ -29,11 +29,8 @@ def bench():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test of this module runs torch on one thread (tests/engine/conftest.py)."""
 
 
 @pytest.mark.parametrize("capacity", [1, 2_999_999, 10_345_678, 63_999_999])

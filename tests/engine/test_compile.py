@@ -8,34 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from facetrain.config import load_config
+
+from .conftest import register_tiny_nobn
 
 TINY = "_tiny_nobn_compile"
 
 
-class TinyNoBN(nn.Module):
-    """A backbone without batch statistics: few kernels to compile, and no BatchNorm on tiny batches to amplify
-    rounding differences between eager and compiled kernels into different trajectories."""
-
-    def __init__(self, embedding_size: int = 8) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, kernel_size=8, stride=8)
-        self.pool = nn.AdaptiveAvgPool2d(2)
-        self.fc = nn.Linear(16, embedding_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
-
-
 @pytest.fixture(autouse=True)
 def _one_thread_and_fresh_dynamo():
-    from facetrain.models import list_backbones
-    from facetrain.models.registry import register_backbone
-
-    if TINY not in list_backbones():
-        register_backbone(lambda embedding_size=8, **kw: TinyNoBN(embedding_size), name=TINY)
+    register_tiny_nobn(TINY)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch._dynamo.reset()

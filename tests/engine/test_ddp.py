@@ -21,7 +21,10 @@ TINY = "_tiny_nobn_ddp"
 
 
 class TinyNoBN(nn.Module):
-    """A backbone without batch statistics (BatchNorm would differ between a batch of 8 and two of 4)."""
+    """A backbone without batch statistics (BatchNorm would differ between a batch of 8 and two of 4).
+
+    A copy of tests/engine/conftest.py's: torchrun runs this file as a script, where the conftest is not importable.
+    """
 
     def __init__(self, embedding_size: int = 8) -> None:
         super().__init__()

@@ -10,17 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from facetrain.config import load_config
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test of this module runs torch on one thread (tests/engine/conftest.py)."""
 
 
 def _config(out: Path, *extra: str):

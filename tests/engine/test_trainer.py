@@ -13,28 +13,14 @@ from torch import nn
 
 from facetrain.config import load_config
 
+from .conftest import register_tiny_nobn
+
 TINY = "_tiny_nobn_trainer"
 
 
-class TinyNoBN(nn.Module):
-    """A backbone without batch statistics, so a batch of 8 and two micro-batches of 4 give the same gradient."""
-
-    def __init__(self, embedding_size: int = 8) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, kernel_size=8, stride=8)
-        self.pool = nn.AdaptiveAvgPool2d(2)
-        self.fc = nn.Linear(16, embedding_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
-
-
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test of this module runs torch on one thread (tests/engine/conftest.py)."""
 
 
 def _config(out: Path, *extra: str):
@@ -89,11 +75,8 @@ def _backbone_copy(trainer):
 
 def test_grad_accumulation_2x4_equals_batch_8(tmp_path):
     from facetrain.engine.trainer import train
-    from facetrain.models import list_backbones
-    from facetrain.models.registry import register_backbone
 
-    if TINY not in list_backbones():
-        register_backbone(lambda embedding_size=8, **kw: TinyNoBN(embedding_size), name=TINY)
+    register_tiny_nobn(TINY)
     common = [
         f"model.backbone={TINY}",
         "model.backbone_kwargs={}",

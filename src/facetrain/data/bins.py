@@ -86,8 +86,8 @@ def write_bin(
     ext: str = ".jpg",
     quality: int = 95,
 ) -> None:
-    """Write a verification ``.bin`` readable by facetrain, arcface_torch (``pickle.load(f, encoding='bytes')``),
-    Python 2 and MXNet-era scripts.
+    """Write a verification ``.bin`` readable by facetrain, arcface_torch (whose loader unpickles it with
+    ``encoding='bytes'``), Python 2 and MXNet-era scripts.
 
     The pickle is written as Python 2 would (protocol 2, images as py2 ``str`` opcodes, which Python 3 reads as
     ``bytes``), atomically (temp name + rename).

@@ -1,19 +1,21 @@
-"""Exact ONNX graph rewrites that make recognition models faster on onnxruntime's CPU provider.
+"""ONNX graph rewrites that make recognition models faster on onnxruntime's CPU provider.
 
 ``PRelu`` is the one op of IResNet / MobileFaceNet that onnxruntime's x86 kernels handle badly: its per-channel slope
-goes through the generic broadcasting path (about 10 ns per element) and breaks the NCHWc layout that the
-surrounding convolutions run in, and INT8 graphs have to dequantize around it. :func:`decompose_prelu` replaces each
-``PRelu(x, slope)`` with the identity
+goes through the generic broadcasting path and breaks the NCHWc layout that the surrounding convolutions run in, and
+INT8 graphs have to dequantize around it. :func:`decompose_prelu` replaces each ``PRelu(x, slope)`` with
 
-    PReLU(x) = Relu(x) + slope * Min(x, 0)
+- ``exact``: ``Relu(x) + slope * Min(x, 0)`` (bit-exact in float32, because exactly one term is nonzero), which
+  onnxruntime runs as vectorized element-wise kernels: what ``facetrain export onnx`` writes and what CPU sessions
+  run (:func:`session_model`);
+- ``affine``: ``(1 - slope) * Relu(x) + slope * x``, whose ops all have INT8 kernels: what
+  ``facetrain export quantize`` quantizes (after :func:`restore_prelu` has turned an exact form back into ``PRelu``).
 
-(``Relu``, ``Min``, ``Mul``, ``Add``; bit-exact in float32 because exactly one of the two terms is nonzero), which
-onnxruntime runs as vectorized element-wise kernels and, after INT8 quantization, as a ``QLinearConv`` with the
-``Relu`` fused plus ``QLinearMul`` / ``QLinearAdd``. Measured on the 2-core CI CPU (benchmarks/RESULTS.md): iresnet18
-fp32 1.19x, MobileFaceNet fp32 1.5x; static INT8 of iresnet18 goes from 1.5x to 1.9-2.3x the native fp32 model.
+Measured in CPU time on one thread (benchmarks/bench_quantize.py, benchmarks/RESULTS.md): the exact form makes fp32
+iresnet18 1.24x and MobileFaceNet 1.88x faster than native ``PRelu``; static INT8 with the affine form and unsigned
+activations runs at 2.9x (iresnet18) and 3.2x (iresnet50) the decomposed fp32 graph.
 
 None of the new node names starts with ``Sub``/``Mul`` (InsightFace's router reads node names to guess whether
-normalization is inside the graph), and the rewrite leaves graph inputs, outputs and metadata alone.
+normalization is inside the graph), and the rewrites leave graph inputs, outputs and metadata alone.
 """
 
 from __future__ import annotations
@@ -28,14 +30,36 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PRELU_MODES", "count_ops", "restore_prelu", "cpu_session_model", "decompose_prelu", "session_model"]
+__all__ = [
+    "PRELU_MODES",
+    "check_prelu_mode",
+    "count_ops",
+    "cpu_only",
+    "cpu_session_model",
+    "decompose_prelu",
+    "restore_prelu",
+    "session_model",
+]
 
 PRELU_MODES = ("decomposed", "native")
 
 
+def check_prelu_mode(prelu: str) -> None:
+    """Raise :class:`~facetrain.errors.ModelError` unless ``prelu`` is one of :data:`PRELU_MODES`."""
+    from facetrain.errors import ModelError
+
+    if prelu not in PRELU_MODES:
+        raise ModelError(f"unknown prelu mode {prelu!r}; use one of {', '.join(PRELU_MODES)}")
+
+
+def cpu_only(providers: list) -> bool:
+    """Whether an onnxruntime provider list (names or ``(name, options)`` tuples) is the CPU provider alone."""
+    return [p[0] if isinstance(p, tuple) else p for p in providers] == ["CPUExecutionProvider"]
+
+
 def decompose_prelu(proto: onnx.ModelProto, form: str = "exact") -> int:
-    """Rewrite every ``PRelu`` whose slope is a float constant (an initializer, or an ``Identity`` of one) into
-    ``Relu + slope * Min(x, 0)``, in place.
+    """Rewrite every ``PRelu`` whose slope is a float constant (an initializer, or an ``Identity`` of one) as
+    element-wise ops, in place.
 
     Args:
         proto: a model (modified in place; its main graph only, which is where exporters put the PReLUs).
@@ -210,5 +234,4 @@ def cpu_session_model(path: str | os.PathLike) -> str | bytes:
 def session_model(path: str | os.PathLike, providers: list) -> str | bytes:
     """The model to open an onnxruntime session with: :func:`cpu_session_model` when the CPU provider runs it alone,
     else the path (GPU providers run native ``PRelu`` as one fused kernel)."""
-    names = [p[0] if isinstance(p, tuple) else p for p in providers]
-    return cpu_session_model(path) if names == ["CPUExecutionProvider"] else str(path)
+    return cpu_session_model(path) if cpu_only(providers) else str(path)

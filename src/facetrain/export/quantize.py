@@ -87,8 +87,8 @@ def quantize(
         prelu: ``decomposed`` (default) first rewrites ``PRelu`` nodes (INT8: as ``(1 - slope) * Relu(x) +
             slope * x``, whose ops all have INT8 kernels; fp16: the exact form; see
             :func:`facetrain.export.graph.decompose_prelu`), instead of a dequantize / float PReLU / quantize round
-            trip per PReLU; an exported model whose PReLUs are already decomposed is quantized as it is.
-            ``native`` keeps them.
+            trip per PReLU; facetrain's exact decomposition (its export default) is rewritten the same way.
+            ``native`` quantizes the graph as it is.
 
     Returns:
         The written path.
@@ -97,14 +97,13 @@ def quantize(
         ModelError: unknown mode, unreadable model, or quantization failure.
         DataError: ``static`` without calibration faces.
     """
-    from facetrain.export.graph import PRELU_MODES
+    from facetrain.export.graph import check_prelu_mode
 
     if mode not in MODES:
         raise ModelError(f"unknown quantization mode {mode!r}; use one of {', '.join(MODES)}")
     if activations not in _ACTIVATION_TYPES:
         raise ModelError(f"unknown activation type {activations!r}; use one of {', '.join(_ACTIVATION_TYPES)}")
-    if prelu not in PRELU_MODES:
-        raise ModelError(f"unknown prelu mode {prelu!r}; use one of {', '.join(PRELU_MODES)}")
+    check_prelu_mode(prelu)
     in_path, out_path = Path(in_path), Path(out_path)
     info = inspect_onnx(in_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
