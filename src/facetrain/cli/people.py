@@ -15,17 +15,29 @@ def people() -> None:
 @people.command("init")
 @click.argument("library", type=click.Path(dir_okay=False))
 @click.option(
-    "--model", required=True, help="Recognition model: .onnx (e.g. SFace), checkpoint, or InsightFace pack folder."
+    "--model",
+    default=None,
+    help="Recognition model: .onnx, checkpoint, or InsightFace pack folder (default: built-in SFace + YuNet).",
 )
 @click.option(
     "--detector", default=None, help="Detector name (retinaface, yunet, scrfd, mtcnn), NAME:PATH or an .onnx path."
 )
 @click.option("--threshold", type=float, default=None, help="Identification cosine threshold (default per model).")
-def init_cmd(library: str, model: str, detector: str | None, threshold: float | None) -> None:
+def init_cmd(library: str, model: str | None, detector: str | None, threshold: float | None) -> None:
     """Create LIBRARY recording the detector and the recognition model (its weights' identity)."""
+    from pathlib import Path
+
+    from facetrain.people.builtin import check_models
     from facetrain.people.library import Library
 
     with Library.create(library, model=model, detector=detector, threshold=threshold) as lib:
+        try:
+            check_models(lib)
+        except BaseException:
+            lib.close()
+            for suffix in ("", "-wal", "-shm"):
+                Path(library + suffix).unlink(missing_ok=True)
+            raise
         s = lib.settings()
         click.echo(
             f"created {library}: detector {s['detector']}, model {s['model_path']} ({s['model_identity']}, "
@@ -53,12 +65,14 @@ def scan_cmd(
     video_interval: float,
 ) -> None:
     """Scan FOLDER incrementally (new/changed photos only), then identify and cluster the faces."""
+    from facetrain.people.builtin import check_models
     from facetrain.people.cluster import cluster_unknown
     from facetrain.people.identify import identify
     from facetrain.people.library import Library
     from facetrain.people.scan import scan
 
     with Library(library) as lib:
+        check_models(lib)
         s = scan(
             lib,
             folder,
@@ -225,10 +239,12 @@ def forget_cmd(library: str, name: str) -> None:
 def who_cmd(library: str, photo: str, as_json: bool) -> None:
     """Who is in PHOTO (from the library, or analysed now if it is not in it)."""
     from facetrain.people.annotate import describe
+    from facetrain.people.builtin import check_models
     from facetrain.people.identify import who
     from facetrain.people.library import Library
 
     with Library(library) as lib:
+        check_models(lib)
         faces = who(lib, photo)
     if as_json:
         click.echo(json.dumps(faces))

@@ -118,7 +118,7 @@ class Library:
         cls,
         path: str | os.PathLike,
         *,
-        model: str | os.PathLike,
+        model: str | os.PathLike | None = None,
         detector: str | None = None,
         threshold: float | None = None,
     ) -> Library:
@@ -126,7 +126,8 @@ class Library:
 
         Args:
             path: the new SQLite file (must not exist).
-            model: recognition ONNX / checkpoint, or an InsightFace pack folder (det_10g.onnx + w600k_r50.onnx).
+            model: recognition ONNX / checkpoint, or an InsightFace pack folder (det_10g.onnx + w600k_r50.onnx);
+                None: the built-in SFace (``facetrain[people]``), with the built-in YuNet as the default detector.
             detector: detector name (``retinaface`` default, ``yunet``, ``scrfd``, ``mtcnn``) or an ``.onnx`` path
                 (name guessed from the file name).
             threshold: identification cosine threshold; default per model (:data:`DEFAULT_THRESHOLDS`).
@@ -370,12 +371,18 @@ def check_identity(lib: Library, identity: str) -> None:
         )
 
 
-def resolve_model(model: str | os.PathLike) -> tuple[Path, str | None]:
+def resolve_model(model: str | os.PathLike | None) -> tuple[Path, str | None]:
     """A recognition model file, and the detector an InsightFace pack folder implies (or None).
+
+    ``None`` is the built-in pair of ``facetrain[people]``: SFace, with YuNet as the implied detector.
 
     A folder is read as an InsightFace model pack: its recognition ONNX (``w600k_*.onnx`` / ``glintr100.onnx`` /
     any ``.onnx`` that is not a detector or landmark model) and, when present, ``det_*.onnx`` (SCRFD).
     """
+    if model is None:
+        from .builtin import builtin_detector, builtin_recognizer
+
+        return builtin_recognizer(), builtin_detector()
     path = Path(model)
     if path.is_dir():
         onnx = sorted(path.glob("*.onnx"))

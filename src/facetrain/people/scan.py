@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from facetrain.errors import DataError
+from facetrain.errors import DataError, FacetrainError
 
 from .library import Library, make_detector
 from .video import detect_frames, is_video, link_tracks
@@ -207,12 +207,23 @@ _WORKER: dict = {}
 
 
 def _init_worker(name: str, path: str | None, video_interval: float) -> None:
+    # An initializer that raises makes multiprocessing.Pool respawn the worker forever; the failure is kept and
+    # raised by the first task instead, which stops the scan with that one line.
     cv2.setNumThreads(1)
     _WORKER["video_interval"] = video_interval
-    _WORKER["detector"] = make_detector(name, path, num_threads=1)
+    try:
+        _WORKER["detector"] = make_detector(name, path, num_threads=1)
+    except Exception as exc:
+        _WORKER["start_error"] = f"a scan worker could not start: detector {name} ({path or 'built in'}): {exc}"
+
+
+class WorkerStartError(FacetrainError):
+    """A scan worker process could not build its detector."""
 
 
 def _worker_task(task: tuple[str, str | None]) -> PhotoAnalysis:
+    if "start_error" in _WORKER:
+        raise WorkerStartError(_WORKER["start_error"])
     path, digest = task
     try:
         return analyze_media(Path(path), _WORKER["detector"], sha256=digest, video_interval=_WORKER["video_interval"])
