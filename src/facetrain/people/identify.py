@@ -286,16 +286,19 @@ def who(lib: Library, photo: str | os.PathLike) -> list[dict]:
     row = lib.conn.execute("SELECT id FROM photos WHERE path = ?", (path,)).fetchone()
     if row is not None:
         return photo_faces(lib, int(row[0]))
+    from .attributes import attributes_for
     from .scan import _face_rows, analyze_media
 
-    result = analyze_media(Path(path), lib.detector())
+    attributes = attributes_for(lib)
+    result = analyze_media(Path(path), lib.detector(), attr_size=attributes.genderage_size)
     if result.error:
         raise DataError(result.error)
     if result.crops is None:
         return []
     emb = lib.embedder().embed(result.crops)
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    rows = _face_rows(result, emb)  # one per face (one per track for a video)
+    attrs = attributes.rows(result.crops, result.attr_crops)
+    rows = _face_rows(result, emb, attrs)  # one per face (one per track for a video)
     emb = np.stack([np.frombuffer(row[8], np.float32) for row in rows])
     gallery = FaceIndex(lib, "person_id IS NOT NULL AND assignment IN ('reference', 'manual')")
     ids, sims = gallery.search(emb, k=1)
@@ -308,6 +311,7 @@ def who(lib: Library, photo: str | os.PathLike) -> list[dict]:
             {
                 "face_id": None, "box": [round(float(v), 1) for v in rows[i][:4]], "person": name, "cluster": None,
                 "similarity": sim, "assignment": "auto" if name else None, "frame_time": rows[i][9],
+                **_attribute_fields(*rows[i][11:15]),
             }
         )  # fmt: skip
     return out
@@ -316,12 +320,13 @@ def who(lib: Library, photo: str | os.PathLike) -> list[dict]:
 def photo_faces(lib: Library, photo_id: int) -> list[dict]:
     rows = lib.conn.execute(
         "SELECT f.id, f.x1, f.y1, f.x2, f.y2, f.landmarks, f.det_score, f.similarity, f.assignment, f.cluster_id, "
-        "p.name, f.blur, f.size, f.frame_time FROM faces f LEFT JOIN people p ON p.id = f.person_id "
+        "p.name, f.blur, f.size, f.frame_time, f.expression, f.expression_p, f.gender, f.age "
+        "FROM faces f LEFT JOIN people p ON p.id = f.person_id "
         "WHERE f.photo_id = ? AND f.not_face = 0 AND f.forgotten = 0 ORDER BY f.idx",
         (photo_id,),
     ).fetchall()
     out = []
-    for fid, x1, y1, x2, y2, lm, score, sim, assignment, cluster, name, blur, size, frame_time in rows:
+    for fid, x1, y1, x2, y2, lm, score, sim, assignment, cluster, name, blur, size, frame_time, *attrs in rows:
         sure = assignment in ("reference", "manual", "auto")
         out.append(
             {
@@ -338,9 +343,20 @@ def photo_faces(lib: Library, photo_id: int) -> list[dict]:
                 "blur": round(blur, 1),
                 "size": round(size, 1),
                 "frame_time": frame_time,
+                **_attribute_fields(*attrs),
             }
         )
     return out
+
+
+def _attribute_fields(expression, expression_p, gender, age) -> dict:
+    """The optional attributes of a face (None where the model was absent; see :mod:`.attributes`)."""
+    return {
+        "expression": expression,
+        "expression_probability": expression_p,
+        "gender": gender,
+        "age": None if age is None else round(float(age)),
+    }
 
 
 def find(lib: Library, name: str) -> list[tuple[str, float | None]]:

@@ -84,6 +84,22 @@ CREATE INDEX IF NOT EXISTS faces_cluster ON faces(cluster_id);
 """
 
 
+# Columns added after schema 1 was released: added on open (NULL = not computed), so older libraries keep working.
+_ADDED_COLUMNS = {
+    "faces": {"expression": "TEXT", "expression_p": "REAL", "gender": "TEXT", "age": "REAL"},
+    "photos": {"place": "TEXT", "country": "TEXT"},
+}
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    for table, columns in _ADDED_COLUMNS.items():
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for name, kind in columns.items():
+            if name not in have:
+                with contextlib.suppress(sqlite3.OperationalError):  # another process added it first
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+
+
 class LibraryBusyError(FacetrainError):
     """Another process holds the library for writing."""
 
@@ -109,6 +125,7 @@ class Library:
                 f"{self.path} has people schema version {version}, this facetrain reads {SCHEMA_VERSION}; "
                 "upgrade facetrain or re-create the library"
             )
+        _add_columns(self.conn)
         self._embedder = None
         self._detector = None
 

@@ -68,6 +68,7 @@ class PhotoAnalysis:
     landmarks: np.ndarray | None = None  # (F, 5, 2)
     scores: np.ndarray | None = None  # (F,)
     crops: np.ndarray | None = None  # (F, 112, 112, 3) uint8
+    attr_crops: np.ndarray | None = None  # (F, S, S, 3) uint8 gender/age crops, when the library has that model
     kind: str = "photo"
     frame_times: np.ndarray | None = None  # videos: (F,) seconds of each detection
     samples: np.ndarray | None = None  # videos: (F,) sampled-frame index of each detection
@@ -191,14 +192,19 @@ def _process(lib, todo, embedder, workers, batch_photos, progress, summary, vide
 
 
 def _analyses(lib: Library, todo: list[tuple[str, str | None]], workers: int, video_interval: float = 1.0):
+    from .attributes import attributes_for
+
     name, path = lib.get("detector"), lib.get("detector_path") or None
+    attr_size = attributes_for(lib).genderage_size
     if workers and workers > 0 and len(todo) > 1:
         context = multiprocessing.get_context("spawn")  # onnxruntime sessions are not fork-safe
-        with context.Pool(workers, initializer=_init_worker, initargs=(name, path, video_interval)) as pool:
+        initargs = (name, path, video_interval, attr_size)
+        with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
             yield from pool.imap(_worker_task, todo, chunksize=1)
     else:
         _WORKER["detector"] = lib.detector()
         _WORKER["video_interval"] = video_interval
+        _WORKER["attr_size"] = attr_size
         for task in todo:
             yield _worker_task(task)
 
@@ -206,11 +212,12 @@ def _analyses(lib: Library, todo: list[tuple[str, str | None]], workers: int, vi
 _WORKER: dict = {}
 
 
-def _init_worker(name: str, path: str | None, video_interval: float) -> None:
+def _init_worker(name: str, path: str | None, video_interval: float, attr_size: int | None = None) -> None:
     # An initializer that raises makes multiprocessing.Pool respawn the worker forever; the failure is kept and
     # raised by the first task instead, which stops the scan with that one line.
     cv2.setNumThreads(1)
     _WORKER["video_interval"] = video_interval
+    _WORKER["attr_size"] = attr_size
     try:
         _WORKER["detector"] = make_detector(name, path, num_threads=1)
     except Exception as exc:
@@ -226,7 +233,13 @@ def _worker_task(task: tuple[str, str | None]) -> PhotoAnalysis:
         raise WorkerStartError(_WORKER["start_error"])
     path, digest = task
     try:
-        return analyze_media(Path(path), _WORKER["detector"], sha256=digest, video_interval=_WORKER["video_interval"])
+        return analyze_media(
+            Path(path),
+            _WORKER["detector"],
+            sha256=digest,
+            video_interval=_WORKER["video_interval"],
+            attr_size=_WORKER.get("attr_size"),
+        )
     except Exception as exc:  # one bad photo must never end a long scan; it is recorded
         logger.debug("failed on %s", path, exc_info=True)
         st = _safe_stat(path)
@@ -245,10 +258,17 @@ def list_media(root: str | os.PathLike, *, videos: bool = True) -> list[Path]:
     return sorted(found)
 
 
-def analyze_media(path: Path, detector, *, sha256: str | None = None, video_interval: float = 1.0) -> PhotoAnalysis:
+def analyze_media(
+    path: Path,
+    detector,
+    *,
+    sha256: str | None = None,
+    video_interval: float = 1.0,
+    attr_size: int | None = None,
+) -> PhotoAnalysis:
     """:func:`analyze_photo` for photos; for videos, one face per track (see :mod:`.video`)."""
     if not is_video(path):
-        return analyze_photo(path, detector, sha256=sha256)
+        return analyze_photo(path, detector, sha256=sha256, attr_size=attr_size)
     st = path.stat()
     result = PhotoAnalysis(str(path), sha256 or file_sha256(path), st.st_size, st.st_mtime, kind="video")
     try:
@@ -270,8 +290,9 @@ def analyze_media(path: Path, detector, *, sha256: str | None = None, video_inte
     return result
 
 
-def analyze_photo(path: Path, detector, *, sha256: str | None = None) -> PhotoAnalysis:
-    """Decode one photo (EXIF orientation), detect, align to 112x112; decode errors become ``error``, not raises."""
+def analyze_photo(path: Path, detector, *, sha256: str | None = None, attr_size: int | None = None) -> PhotoAnalysis:
+    """Decode one photo (EXIF orientation), detect, align to 112x112 (and, with ``attr_size``, the gender/age crops
+    of :func:`.attributes.crop_for_genderage`); decode errors become ``error``, not raises."""
     from facetrain.align import decode_image, norm_crop
 
     st = path.stat()
@@ -294,14 +315,22 @@ def analyze_photo(path: Path, detector, *, sha256: str | None = None) -> PhotoAn
         result.landmarks = np.stack([f.landmarks for f in faces]).astype(np.float32)
         result.scores = np.array([f.score for f in faces], np.float32)
         result.crops = np.stack([norm_crop(image, f.landmarks) for f in faces])
+        if attr_size:
+            from .attributes import crop_for_genderage
+
+            result.attr_crops = crop_for_genderage(image, result.boxes, attr_size)
     return result
 
 
 def _commit(lib: Library, batch: list[PhotoAnalysis], embedder, summary: ScanSummary) -> None:
+    from .attributes import attributes_for, place_name
+
+    attributes = attributes_for(lib)
     crops = [r.crops for r in batch if r.crops is not None]
     if crops:
         emb = embedder.embed(np.concatenate(crops)).astype(np.float32)
         emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    places = {r.path: place_name(*r.gps) for r in batch if r.gps}
     offset = 0
     now = time.time()
     with lib.transaction() as conn:
@@ -310,10 +339,11 @@ def _commit(lib: Library, batch: list[PhotoAnalysis], embedder, summary: ScanSum
             status = "error" if r.error else ("ok" if r.crops is not None else "no_faces")
             cur = conn.execute(
                 "INSERT INTO photos (path, size, mtime, sha256, width, height, status, error, taken_at, gps_lat, "
-                "gps_lon, scanned_at, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "gps_lon, scanned_at, kind, place, country) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     r.path, r.size, r.mtime, r.sha256, r.width, r.height, status, r.error, r.taken_at,
                     r.gps[0] if r.gps else None, r.gps[1] if r.gps else None, now, r.kind,
+                    *(places.get(r.path) or (None, None)),
                 ),
             )  # fmt: skip
             if r.error:
@@ -324,19 +354,22 @@ def _commit(lib: Library, batch: list[PhotoAnalysis], embedder, summary: ScanSum
                 continue
             vectors = emb[offset : offset + len(r.crops)]
             offset += len(r.crops)
-            rows = [(cur.lastrowid, k, *face) for k, face in enumerate(_face_rows(r, vectors))]
+            attrs = attributes.rows(r.crops, r.attr_crops)
+            rows = [(cur.lastrowid, k, *face) for k, face in enumerate(_face_rows(r, vectors, attrs))]
             conn.executemany(
                 "INSERT INTO faces (photo_id, idx, x1, y1, x2, y2, landmarks, det_score, blur, size, embedding, "
-                "frame_time, track_frames) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "frame_time, track_frames, expression, expression_p, gender, age) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             summary.faces += len(rows)
         lib.bump()
 
 
-def _face_rows(r: PhotoAnalysis, vectors: np.ndarray) -> list[tuple]:
-    """(x1, y1, x2, y2, landmarks, score, blur, size, embedding, frame_time, track_frames) per stored face; for a
-    video one per track: its best view (score x box side) with the normalized mean embedding of the track."""
+def _face_rows(r: PhotoAnalysis, vectors: np.ndarray, attrs: list[tuple] | None = None) -> list[tuple]:
+    """(x1, y1, x2, y2, landmarks, score, blur, size, embedding, frame_time, track_frames, expression,
+    expression_p, gender, age) per stored face; for a video one per track: its best view (score x box side) with
+    the normalized mean embedding of the track, and the attributes of that view."""
     sides = np.minimum(r.boxes[:, 2] - r.boxes[:, 0], r.boxes[:, 3] - r.boxes[:, 1])
     if r.samples is None:
         groups = [np.array([i]) for i in range(len(r.crops))]
@@ -354,6 +387,7 @@ def _face_rows(r: PhotoAnalysis, vectors: np.ndarray) -> list[tuple]:
                 float(sides[i]), vector.tobytes(),
                 None if r.frame_times is None else float(r.frame_times[i]),
                 None if r.samples is None else len(members),
+                *(attrs[i] if attrs is not None else (None, None, None, None)),
             )
         )  # fmt: skip
     if r.frame_times is not None:
