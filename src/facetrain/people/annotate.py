@@ -40,16 +40,16 @@ NS = {
 def photo_records(lib: Library) -> list[dict]:
     """One dict per scanned photo: path, size, date, GPS, caption, faces (see :func:`photo_faces`) and sentence."""
     rows = lib.conn.execute(
-        "SELECT id, path, width, height, status, error, taken_at, gps_lat, gps_lon, caption, kind FROM photos "
-        "ORDER BY path"
+        "SELECT id, path, width, height, status, error, taken_at, gps_lat, gps_lon, caption, kind, place, country "
+        "FROM photos ORDER BY path"
     ).fetchall()
     records = []
-    for pid, path, width, height, status, error, taken_at, lat, lon, caption, kind in rows:
+    for pid, path, width, height, status, error, taken_at, lat, lon, caption, kind, place, country in rows:
         faces = photo_faces(lib, pid) if status == "ok" else []
         record = {
             "path": path, "width": width, "height": height, "status": status, "error": error,
             "taken_at": taken_at, "gps": None if lat is None else {"lat": lat, "lon": lon},
-            "caption": caption, "kind": kind, "faces": faces,
+            "place": place, "country": country, "caption": caption, "kind": kind, "faces": faces,
         }  # fmt: skip
         record["description"] = describe(record)
         records.append(record)
