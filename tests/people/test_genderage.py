@@ -87,6 +87,7 @@ def test_pack_genderage_gives_gender_and_age(tmp_path, assets_dir, sface):
             if abs(male - female) > 0.02:  # the box is stored to 0.1 px: skip near ties
                 assert face["gender"] == ("man" if male > female else "woman")
                 checked += 1
+            assert f'a "{face["gender"]}" aged about {face["age"]}' in record["description"]
     assert checked >= 4
 
 

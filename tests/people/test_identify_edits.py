@@ -100,11 +100,44 @@ def test_description_sentence():
             {"box": [0, 0, 10, 10], "person": None, "candidate": None, "cluster": 4},
         ]
     }
-    assert (
-        describe(record)
-        == 'Face at (125, 327) is of "Kumar". Face at (5, 5) is unknown person #4. 2 people in the photo.'
+    assert describe(record) == (
+        'Face at coordinates (125, 327) is of "Kumar". Face at coordinates (5, 5) is of unknown person #4. '
+        "And two people in the image."
     )
-    assert describe({"faces": []}) == "No people in the photo."
+    assert describe({"faces": []}) == "No people in the image."
+    assert describe({"faces": [], "kind": "video"}) == "No people in the video."
+    # the home-media app's sentence, with gender and expression known
+    record["faces"][0] |= {"gender": "man", "expression": "neutral"}
+    assert describe({"faces": record["faces"][:1]}) == (
+        'Face at coordinates (125, 327) is of "Kumar", a "man" expressing "neutral" emotion. And one man in the image.'
+    )
+    record["faces"][1] |= {"gender": "woman", "age": 31}
+    assert describe(record).endswith(
+        'is of unknown person #4, a "woman" aged about 31. And one man and one woman in the image.'
+    )
+    record["faces"].append({"box": [0, 0, 4, 4], "person": None, "candidate": "Ann", "cluster": None})
+    assert describe(record).endswith(
+        '(2, 2) may be "Ann". And one man and one woman and one other person in the image.'
+    )
+
+
+def test_annotation_lines():
+    from facetrain.people.annotate import annotation
+
+    face = {"box": [100, 300, 150, 354], "person": "Kumar", "gender": "man", "expression": "neutral"}
+    record = {
+        "faces": [face], "path": "/photos/a.jpg", "taken_at": "2024-05-01T10:30:00",
+        "gps": {"lat": 18.325447, "lon": 72.9561}, "place": "Usar",
+    }  # fmt: skip
+    assert annotation(record).splitlines() == [
+        'Face at coordinates (125, 327) is of "Kumar", a "man" expressing "neutral" emotion. And one man in the image.',
+        "/photos/a.jpg",
+        "2024-05-01T10:30:00",
+        "(18.325447, 72.9561)",
+        "'Usar'",
+    ]
+    bare = {"faces": [], "path": "/photos/b.jpg", "taken_at": None, "gps": None, "place": None}
+    assert annotation(bare).splitlines() == ["No people in the image.", "/photos/b.jpg"]  # nothing invented
 
 
 def test_model_and_detector_resolution(tmp_path):

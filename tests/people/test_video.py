@@ -52,7 +52,7 @@ def test_video_faces_are_tracked_and_identified(tmp_path, assets_dir, sface):
         identify(lib)
         assert [p.endswith("clip.mp4") for p, _ in find(lib, "Obama")].count(True) == 1
         record = next(r for r in photo_records(lib) if r["path"].endswith("clip.mp4"))
-        assert record["kind"] == "video" and record["description"].endswith("2 people in the video.")
+        assert record["kind"] == "video" and record["description"].endswith("And two people in the video.")
         assert '" at ' not in record["description"] and 's is of "Obama"' in record["description"]
         from facetrain.people.web import face_thumbnail
 

@@ -283,20 +283,33 @@ def export_cmd(library: str, fmt: str, out: str | None) -> None:
 
 @people.command("caption")
 @click.argument("library", type=click.Path(exists=True, dir_okay=False))
-@click.option("--endpoint", default=None, help="Ollama-compatible server, e.g. http://127.0.0.1:11434 (else: prompts).")
+@click.option(
+    "--endpoint",
+    default=None,
+    help="Local vision-model server: Ollama (http://127.0.0.1:11434) or OpenAI-compatible (.../v1); else prompts.",
+)
+@click.option(
+    "--api",
+    type=click.Choice(["auto", "ollama", "openai"]),
+    default="auto",
+    show_default=True,
+    help="Endpoint dialect: /api/generate or /v1/chat/completions (auto: openai when the URL has /v1).",
+)
 @click.option("--model", "model_name", default="llava", show_default=True, help="Model name on the server.")
 @click.option("--out", type=click.Path(), default=None, help="Prompts file when there is no endpoint.")
 @click.option("--overwrite", is_flag=True, help="Re-caption photos that have a caption.")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds per request.")
 def caption_cmd(
-    library: str, endpoint: str | None, model_name: str, out: str | None, overwrite: bool, timeout: float
+    library: str, endpoint: str | None, api: str, model_name: str, out: str | None, overwrite: bool, timeout: float
 ) -> None:
     """Caption photos with a local vision model, or write the prompts."""
     from facetrain.people.caption import caption
     from facetrain.people.library import Library
 
     with Library(library) as lib:
-        stats = caption(lib, endpoint=endpoint, model=model_name, out=out, overwrite=overwrite, timeout=timeout)
+        stats = caption(
+            lib, endpoint=endpoint, model=model_name, out=out, overwrite=overwrite, timeout=timeout, api=api
+        )
     click.echo(json.dumps(stats))
 
 

@@ -1,14 +1,19 @@
 """``people export``: per-photo face annotations as JSON, CSV or XMP sidecars (MWG face regions), with a one-sentence
 description per photo.
 
-The sentence names people by position (the box centre, in pixels of the upright photo), e.g.
-``Face at (125, 327) is of "Kumar". 2 people in the photo.``
+The sentence names people by position (the box centre, in pixels of the upright photo), with gender and expression
+when their models ran (see :mod:`.attributes`; nothing is said of an attribute whose model was absent), e.g.
+``Face at coordinates (125, 327) is of "Kumar", a "man" expressing "neutral" emotion. And one man in the image.``
+The ``annotation`` of a photo is that sentence, then the file, the time stamp, ``(lat, lon)`` and the place name
+(``'Usar'``), one per line, each only when known: the per-photo text of the home-media app this feature serves.
 
 XMP sidecars (``photo.jpg.xmp`` beside the photo, or under ``--out`` mirroring the tree) carry the Metadata Working
 Group region schema: ``mwg-rs:Regions`` with ``mwg-rs:AppliedToDimensions`` (the upright photo's pixel size) and one
-``mwg-rs:RegionList`` item per face: ``mwg-rs:Name``, ``mwg-rs:Type="Face"`` and ``mwg-rs:Area`` with the
-**normalized centre** ``stArea:x, y`` and size ``stArea:w, h`` (unit ``normalized``), plus the sentence as
-``dc:description``. Every file is written to a temporary name and renamed (atomic).
+``mwg-rs:RegionList`` item per face: ``mwg-rs:Name`` (named faces only), ``mwg-rs:Type="Face"`` and ``mwg-rs:Area``
+with the **normalized centre** ``stArea:x, y`` and size ``stArea:w, h`` (unit ``normalized``), plus the sentence as
+``dc:description`` and the place as ``photoshop:City`` / ``photoshop:Country``. An unknown face has no name; its
+cluster id, expression, gender and age go in facetrain's own namespace (``facetrain:Cluster``, ...). Photos that are
+no longer on disk get no sidecar. Every file is written to a temporary name and renamed (atomic).
 """
 
 from __future__ import annotations
@@ -34,7 +39,10 @@ NS = {
     "stArea": "http://ns.adobe.com/xmp/sType/Area#",
     "dc": "http://purl.org/dc/elements/1.1/",
     "exif": "http://ns.adobe.com/exif/1.0/",
+    "photoshop": "http://ns.adobe.com/photoshop/1.0/",
+    "facetrain": "https://github.com/facetrain/facetrain/ns/people/1.0/",
 }
+_NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
 
 
 def photo_records(lib: Library) -> list[dict]:
@@ -52,32 +60,79 @@ def photo_records(lib: Library) -> list[dict]:
             "place": place, "country": country, "caption": caption, "kind": kind, "faces": faces,
         }  # fmt: skip
         record["description"] = describe(record)
+        record["annotation"] = annotation(record)
         records.append(record)
     return records
 
 
 def describe(record: dict) -> str:
-    """One sentence naming each face by position, then the head count."""
+    """One sentence per face (position, who, gender, age and expression when known), then the head count."""
     parts = []
     for face in record["faces"]:
         x1, y1, x2, y2 = face["box"]
-        where = f"Face at ({round((x1 + x2) / 2)}, {round((y1 + y2) / 2)})"
+        where = f"Face at coordinates ({round((x1 + x2) / 2)}, {round((y1 + y2) / 2)})"
         if face.get("frame_time") is not None:
             where += f" at {face['frame_time']:.1f} s"
         if face.get("person"):
-            parts.append(f'{where} is of "{face["person"]}".')
+            who = f'is of "{face["person"]}"'
         elif face.get("candidate"):
-            parts.append(f'{where} may be "{face["candidate"]}".')
+            who = f'may be "{face["candidate"]}"'
         elif face.get("cluster") is not None:
-            parts.append(f"{where} is unknown person #{face['cluster']}.")
+            who = f"is of unknown person #{face['cluster']}"
         else:
-            parts.append(f"{where} is unknown.")
-    n = len(record["faces"])
-    medium = "video" if record.get("kind") == "video" else "photo"
-    parts.append(
-        f"No people in the {medium}." if n == 0 else f"{n} {'person' if n == 1 else 'people'} in the {medium}."
-    )
+            who = "is of an unknown person"
+        parts.append(f"{where} {who}{_attribute_phrase(face)}.")
+    medium = "video" if record.get("kind") == "video" else "image"
+    if not record["faces"]:
+        parts.append(f"No people in the {medium}.")
+    else:
+        parts.append(f"And {_head_count(record['faces'])} in the {medium}.")
     return " ".join(parts)
+
+
+def _attribute_phrase(face: dict) -> str:
+    """``, a "man" aged about 35 expressing "neutral" emotion`` from whatever of the three is known."""
+    words = []
+    if face.get("gender"):
+        words.append(f'a "{face["gender"]}"')
+    if face.get("age") is not None:
+        words.append(f"aged about {face['age']}")
+    if face.get("expression"):
+        words.append(f'expressing "{face["expression"]}" emotion')
+    return ", " + " ".join(words) if words else ""
+
+
+def _number(n: int) -> str:
+    return _NUMBERS[n] if n < len(_NUMBERS) else str(n)
+
+
+def _head_count(faces: list[dict]) -> str:
+    """``one man and two women`` when every gender is known, ``one man and one other person`` when some are,
+    ``three people`` when none is."""
+    men = sum(1 for f in faces if f.get("gender") == "man")
+    women = sum(1 for f in faces if f.get("gender") == "woman")
+    others = len(faces) - men - women
+    groups = []
+    if men:
+        groups.append(f"{_number(men)} {'man' if men == 1 else 'men'}")
+    if women:
+        groups.append(f"{_number(women)} {'woman' if women == 1 else 'women'}")
+    if others:
+        noun = "person" if others == 1 else "people"
+        groups.append(f"{_number(others)} {'other ' if groups else ''}{noun}")
+    return " and ".join(groups)
+
+
+def annotation(record: dict) -> str:
+    """The sentence, then the file, the time stamp, ``(lat, lon)`` and the place name, one per line (when known)."""
+    lines = [record.get("description") or describe(record), record["path"]]
+    if record.get("taken_at"):
+        lines.append(record["taken_at"])
+    if record.get("gps"):
+        lines.append(f"({round(record['gps']['lat'], 6)}, {round(record['gps']['lon'], 6)})")
+    if record.get("place"):
+        lines.append(repr(record["place"]))
+    return "\n".join(lines)
 
 
 def export(
@@ -114,7 +169,7 @@ def export(
     if base is not None and base.is_file():
         base = base.parent
     for record in records:
-        if not record["faces"]:
+        if not record["faces"] or not Path(record["path"]).is_file():  # no sidecar for a photo that is gone
             continue
         photo = Path(record["path"])
         target = photo.with_name(photo.name + ".xmp") if out is None else Path(out) / photo.relative_to(base)
@@ -127,8 +182,12 @@ def export(
 
 CSV_FIELDS = [
     "path", "width", "height", "taken_at", "gps_lat", "gps_lon", "face_id", "x1", "y1", "x2", "y2", "landmarks",
-    "score", "person", "cluster", "similarity", "assignment", "description",
+    "score", "person", "cluster", "similarity", "assignment", "description", "expression", "expression_probability",
+    "gender", "age", "place", "country",
 ]  # fmt: skip
+
+
+ATTRIBUTE_FIELDS = ("expression", "expression_probability", "gender", "age")
 
 
 def to_csv(records: list[dict]) -> str:
@@ -139,7 +198,7 @@ def to_csv(records: list[dict]) -> str:
         base = {
             "path": r["path"], "width": r["width"], "height": r["height"], "taken_at": r["taken_at"] or "",
             "gps_lat": r["gps"]["lat"] if r["gps"] else "", "gps_lon": r["gps"]["lon"] if r["gps"] else "",
-            "description": r["description"],
+            "description": r["description"], "place": r.get("place") or "", "country": r.get("country") or "",
         }  # fmt: skip
         if not r["faces"]:
             writer.writerow(base)
@@ -152,6 +211,7 @@ def to_csv(records: list[dict]) -> str:
                     "cluster": "" if f["cluster"] is None else f["cluster"],
                     "similarity": "" if f["similarity"] is None else f["similarity"],
                     "assignment": f["assignment"] or "",
+                    **{k: "" if f.get(k) is None else f[k] for k in ATTRIBUTE_FIELDS},
                 }
             )  # fmt: skip
     return buffer.getvalue()
@@ -163,18 +223,27 @@ def to_xmp(record: dict) -> str:
     items = []
     for f in record["faces"]:
         x1, y1, x2, y2 = f["box"]
-        name = f["person"] or (f"unknown #{f['cluster']}" if f["cluster"] is not None else "unknown")
+        own = {"Cluster": None if f["person"] else f["cluster"]} | {
+            key.capitalize(): f.get(key) for key in ("expression", "gender", "age")
+        }
+        extra = "".join(f" facetrain:{k}={quoteattr(str(v))}" for k, v in own.items() if v is not None)
+        name = f" mwg-rs:Name={quoteattr(f['person'])}" if f["person"] else ""
         area = {
             "x": (x1 + x2) / 2 / width, "y": (y1 + y2) / 2 / height, "w": (x2 - x1) / width, "h": (y2 - y1) / height,
         }  # fmt: skip
         attrs = " ".join(f'stArea:{k}="{v:.6f}"' for k, v in area.items())
         items.append(
-            f'      <rdf:li>\n       <rdf:Description mwg-rs:Name={quoteattr(name)} mwg-rs:Type="Face">\n'
+            f'      <rdf:li>\n       <rdf:Description{name} mwg-rs:Type="Face"{extra}>\n'
             f'        <mwg-rs:Area {attrs} stArea:unit="normalized"/>\n'
             "       </rdf:Description>\n      </rdf:li>\n"
         )
-    date = f"   <exif:DateTimeOriginal>{record['taken_at']}</exif:DateTimeOriginal>\n" if record["taken_at"] else ""
     from xml.sax.saxutils import escape
+
+    date = f"   <exif:DateTimeOriginal>{record['taken_at']}</exif:DateTimeOriginal>\n" if record["taken_at"] else ""
+    if record.get("place"):
+        date += f"   <photoshop:City>{escape(record['place'])}</photoshop:City>\n"
+    if record.get("country"):
+        date += f"   <photoshop:Country>{escape(record['country'])}</photoshop:Country>\n"
 
     ns = " ".join(f'xmlns:{k}="{v}"' for k, v in NS.items() if k not in ("x", "rdf"))
     return (
