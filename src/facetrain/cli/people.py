@@ -101,7 +101,9 @@ def scan_cmd(
 @click.argument("library", type=click.Path(exists=True, dir_okay=False))
 @click.argument("name")
 @click.argument("photos", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--face-index", type=click.IntRange(min=0), default=None, help="Which face (by score) in a group photo.")
+@click.option(
+    "--face-index", type=click.IntRange(min=0), default=None, help="Which face of a group photo, 0 = leftmost."
+)
 def enroll_cmd(library: str, name: str, photos: tuple[str, ...], face_index: int | None) -> None:
     """Add reference faces of NAME from PHOTOS, then re-identify the library."""
     from facetrain.people.identify import enroll, identify
@@ -152,18 +154,26 @@ def threshold_cmd(library: str, value: float | None, calibration: str | None, un
 
 @people.command("list")
 @click.argument("library", type=click.Path(exists=True, dir_okay=False))
-def list_cmd(library: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (counts, people, clusters).")
+def list_cmd(library: str, as_json: bool) -> None:
     """People and unknown clusters."""
     from facetrain.people.cluster import cluster_summary
     from facetrain.people.identify import people_summary
     from facetrain.people.library import Library
 
     with Library(library) as lib:
-        click.echo(json.dumps(lib.counts()))
-        for p in people_summary(lib):
-            click.echo(f"{p['name']}: {p['faces']} faces in {p['photos']} photos")
-        for c in cluster_summary(lib):
-            click.echo(f"cluster {c['cluster']}: {c['faces']} faces in {c['photos']} photos (faces {c['face_ids']})")
+        counts, people_rows, clusters = lib.counts(), people_summary(lib), cluster_summary(lib)
+    if as_json:
+        click.echo(json.dumps({"counts": counts, "people": people_rows, "clusters": clusters}))
+        return
+    click.echo(
+        f"{counts['photos']} photos ({counts['photos_with_errors']} unreadable), {counts['faces']} faces, "
+        f"{counts['people']} people ({counts['identified_faces']} faces identified), {counts['clusters']} clusters"
+    )
+    for p in people_rows:
+        click.echo(f"{p['name']}: {p['faces']} faces in {p['photos']} photos")
+    for c in clusters:
+        click.echo(f"cluster {c['cluster']}: {c['faces']} faces in {c['photos']} photos (faces {c['face_ids']})")
 
 
 @people.command("name")
@@ -242,6 +252,7 @@ def who_cmd(library: str, photo: str, as_json: bool) -> None:
     from facetrain.people.builtin import check_models
     from facetrain.people.identify import who
     from facetrain.people.library import Library
+    from facetrain.people.video import is_video
 
     with Library(library) as lib:
         check_models(lib)
@@ -249,7 +260,7 @@ def who_cmd(library: str, photo: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(faces))
     else:
-        click.echo(describe({"faces": faces}))
+        click.echo(describe({"faces": faces, "kind": "video" if is_video(photo) else "photo"}))
 
 
 @people.command("find")

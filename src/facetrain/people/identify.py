@@ -69,7 +69,8 @@ def enroll(
 ) -> list[EnrollResult]:
     """Mark faces of ``photos`` as references of ``name`` (scanning the photos first if the library lacks them).
 
-    A photo must show exactly one face unless ``face_index`` picks one (faces are numbered by detector score).
+    A photo must show exactly one face unless ``face_index`` picks one: faces are numbered left to right (by the
+    centre of their box), and the error of a group photo lists them with their positions.
 
     Raises:
         DataError: a photo has no face, several faces and no ``face_index``, or the index is out of range.
@@ -78,17 +79,22 @@ def enroll(
     for photo in photos:
         photo_id = _ensure_scanned(lib, Path(photo))
         faces = lib.conn.execute(
-            "SELECT id, size, blur FROM faces WHERE photo_id = ? AND not_face = 0 AND forgotten = 0 ORDER BY idx",
+            "SELECT id, size, blur, (x1 + x2) / 2, (y1 + y2) / 2 FROM faces "
+            "WHERE photo_id = ? AND not_face = 0 AND forgotten = 0 ORDER BY (x1 + x2) / 2, idx",
             (photo_id,),
         ).fetchall()
         if not faces:
             raise DataError(f"no face found in {photo}; pick a photo where the face is visible")
+        listing = ", ".join(f"{k} at ({round(cx)}, {round(cy)})" for k, (*_, cx, cy) in enumerate(faces))
         if face_index is None and len(faces) > 1:
-            raise DataError(f"{photo} shows {len(faces)} faces; choose one with --face-index 0..{len(faces) - 1}")
+            raise DataError(
+                f"{photo} shows {len(faces)} faces, left to right (box centre in pixels): {listing}; "
+                "choose one with --face-index"
+            )
         i = face_index or 0
         if not 0 <= i < len(faces):
-            raise DataError(f"{photo} has {len(faces)} faces; --face-index {i} is out of range")
-        face_id, size, blur = faces[i]
+            raise DataError(f"{photo} has {len(faces)} faces ({listing}); --face-index {i} is out of range")
+        face_id, size, blur, _, _ = faces[i]
         warnings = []
         if size < MIN_FACE_SIZE:
             warnings.append(f"face is small ({size:.0f} px < {MIN_FACE_SIZE:.0f}); a larger photo identifies better")
