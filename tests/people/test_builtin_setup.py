@@ -130,3 +130,11 @@ def test_readme_people_quick_start_runs(tmp_path, run_cli, assets_dir, monkeypat
         code, out, err = run_cli(*words[1:])
         assert code == 0, (command, err)
     assert "2 photos: 2 scanned" in out, out
+
+
+def test_init_with_a_detector_that_cannot_run_leaves_no_library(tmp_path, run_cli, sface):
+    broken = tmp_path / "yunet_broken.onnx"
+    broken.write_bytes(b"\x08\x01garbage")
+    code, out, err = run_cli("people", "init", tmp_path / "lib.db", "--model", sface, "--detector", f"yunet:{broken}")
+    assert code == 1 and "--detector" in err and err.strip().count("\n") == 0, err
+    assert not list(tmp_path.glob("lib.db*"))
