@@ -58,6 +58,10 @@ def server():
 
 @pytest.fixture
 def paris_library(tmp_path, assets_dir, gps_photo, sface) -> Path:
+    import importlib.util
+
+    if importlib.util.find_spec("reverse_geocode") is None:
+        pytest.skip('place names need reverse_geocode (pip install "facetrain[people]")')
     photos = tmp_path / "photos"
     gps_photo(assets_dir / "images" / "obama.jpg", photos / "paris.jpg", 48.8566, 2.3522)
     (photos / "obama2.jpg").write_bytes((assets_dir / "images" / "obama2.jpg").read_bytes())
